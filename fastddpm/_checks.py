@@ -1,0 +1,130 @@
+"""Argument validation shared by the reference math, the fused ops and the samplers.
+
+Public entry points call these; inner code trusts its inputs. Every error names the
+argument, what was given and what is allowed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+METHODS = ("ddpm", "ddim")
+BACKENDS = ("auto", "reference", "fused", "graph")
+
+
+def one_of(value, allowed, name):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+    return value
+
+
+def check_schedule(s):
+    from .schedule import Schedule
+
+    if not isinstance(s, Schedule):
+        raise TypeError(f"s must be a fastddpm.Schedule; got {type(s).__name__}")
+
+
+def check_float_tensor(x, name, min_ndim=2):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have shape (B, ...) with at least {min_ndim} dims; got {tuple(x.shape)}")
+
+
+def check_clip(clip):
+    if clip is None:
+        return None
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0:
+        raise ValueError(f"clip must be a positive finite float or None; got {clip!r}")
+    return float(clip)
+
+
+def check_eta(eta):
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite float >= 0; got {eta!r}")
+    return float(eta)
+
+
+def check_t(s, t, x):
+    """t: int step index in 0..S-1, or an integer tensor of shape () or (B,) on x's device.
+
+    Returns an int or a LongTensor of shape (B,). Values of a tensor t are range-checked
+    (one host sync) except while a CUDA graph is being captured.
+    """
+    S, B = s.num_steps, x.shape[0]
+    if isinstance(t, bool):
+        raise TypeError("t must be an int or an integer tensor; got bool")
+    if isinstance(t, int):
+        if not 0 <= t < S:
+            raise ValueError(f"t must be a step index in 0..{S - 1}; got {t}")
+        return t
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be an int or an integer tensor; got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"t must have an integer dtype; got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"t is on {t.device} but x_t is on {x.device}; put them on one device")
+    if t.ndim == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"t must have shape () or ({B},) to match x_t's batch; got {tuple(t.shape)}")
+    if not _capturing(t):
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= S:
+            raise ValueError(f"t must hold step indices in 0..{S - 1}; got values in [{lo}, {hi}]")
+    return t.long()
+
+
+def _capturing(t):
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_like(y, x, name, channels=None):
+    """y must have x's shape (channel count `channels` if given) and device."""
+    check_float_tensor(y, name, min_ndim=1)
+    want = tuple(x.shape) if channels is None else (x.shape[0], channels, *x.shape[2:])
+    if tuple(y.shape) != want:
+        raise ValueError(f"{name} must have shape {want}; got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"{name} is on {y.device} but x_t is on {x.device}; put them on one device")
+
+
+def check_model_output(model_output, x, variance):
+    """model_output: (B, C, ...) or, for variance='learned_range', (B, 2C, ...)."""
+    check_float_tensor(model_output, "model_output")
+    C = x.shape[1]
+    channels = 2 * C if variance == "learned_range" else C
+    if model_output.ndim != x.ndim or model_output.shape[0] != x.shape[0] or model_output.shape[1] != channels \
+            or model_output.shape[2:] != x.shape[2:]:
+        want = (x.shape[0], channels, *x.shape[2:])
+        extra = " (learned_range needs 2C channels: eps and the variance interpolation v)" \
+            if variance == "learned_range" else ""
+        raise ValueError(f"model_output must have shape {want}{extra}; got {tuple(model_output.shape)}")
+    if model_output.device != x.device:
+        raise ValueError(f"model_output is on {model_output.device} but x_t is on {x.device}")
+
+
+def check_noise_source(noise, seed, x, needs_noise, name="noise"):
+    """Exactly one of noise (a tensor like x) or seed (an int) when a step adds noise."""
+    from .rng import check_seed
+
+    if noise is not None and seed is not None:
+        raise ValueError(f"pass either {name}= or seed=, not both")
+    if noise is not None:
+        check_like(noise, x, name)
+    elif seed is not None:
+        check_seed(seed)
+    elif needs_noise:
+        raise ValueError(f"{name} is required (or seed= to draw it from the counter-based stream)")
+
+
+def check_sample_offset(sample_offset):
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or not 0 <= sample_offset < 2**32:
+        raise ValueError(f"sample_offset must be an int in [0, 2**32); got {sample_offset!r}")
+    return sample_offset

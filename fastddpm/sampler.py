@@ -1,0 +1,242 @@
+"""`fastddpm.sample`: draw images from any noise-prediction model.
+
+The loop (Ho et al. 2020 Algorithm 2; Song et al. 2021 for DDIM): x_{S-1} ~ N(0, I), then
+for i = S-1 .. 0: out = model(x_i, timesteps[i]); x_{i-1} = step(x_i, i, out, z_i).
+
+Noise comes from one of two sources, both deterministic:
+- seed=<int> (default): the counter-based Philox stream of `fastddpm.rng`, keyed by
+  (seed, global sample index, step), so sample k is the same image whatever the batch
+  size or backend. x_T uses tag TAG_INIT; step i uses tag i.
+- generator=<torch.Generator>: torch draws in diffusers' order (x_T, then one draw per
+  step i > 0, in the model's dtype, on the generator's device), so a single batch
+  (batch_size >= n) reproduces a diffusers DDPMPipeline / DDIMPipeline loop.
+
+No host synchronisation inside the loop: non-finite values are tracked in a device-side
+flag holding the first bad step, read once per batch.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from . import _checks as C
+from . import diffusion, rng
+from .schedule import Schedule
+
+__all__ = ["sample", "call_model"]
+
+
+def call_model(model, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """model(x, t) -> tensor; accepts outputs with `.sample` (diffusers) or tuples."""
+    out = model(x, timesteps)
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"model must return a tensor or an object with .sample; got {type(out).__name__}")
+
+
+def _model_params(model):
+    if isinstance(model, nn.Module):
+        return next(model.parameters(), None)
+    return None
+
+
+def _infer_shape(model):
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None) or getattr(cfg, "sample_size", None)
+    chans = getattr(cfg, "in_channels", None)
+    if isinstance(size, (tuple, list)):
+        size = tuple(size)
+    elif size is not None:
+        size = (size, size)
+    if chans is None or size is None:
+        return None
+    return (int(chans), *map(int, size))
+
+
+def _resolve_shape(model, shape):
+    if shape is None:
+        shape = _infer_shape(model)
+        if shape is None:
+            raise ValueError("shape is required for this model: pass shape=(C, H, W)")
+    shape = tuple(shape)
+    if len(shape) < 1 or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape):
+        raise ValueError(f"shape must be a tuple of positive ints (C, H, W); got {shape!r}")
+    return shape
+
+
+def _resolve_schedule(model, schedule, steps):
+    if schedule is None:
+        schedule = getattr(model, "fastddpm_schedule", None) or Schedule.linear(1000)
+    C.check_schedule(schedule)
+    if steps is not None:
+        schedule = schedule.respace(steps)
+    return schedule
+
+
+def _resolve_device_dtype(model, device, dtype):
+    p = _model_params(model)
+    if device is None:
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    if p is not None and p.device.type != device.type:
+        raise ValueError(f"device={device} but the model's parameters are on {p.device}; move the model or "
+                         f"pass device={p.device}")
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or None; got {dtype}")
+    param_dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    model_dtype = dtype or param_dtype
+    autocast = dtype is not None and dtype != param_dtype and param_dtype == torch.float32
+    return device, model_dtype, autocast
+
+
+def resolve_backend(backend, device):
+    C.one_of(backend, C.BACKENDS, "backend")
+    if backend == "auto":
+        return "reference"
+    return backend
+
+
+def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps: int | None = None,
+           method: str = "ddpm", eta: float = 0.0, prediction: str = "eps", variance: str = "fixed_small",
+           clip: float | None = 1.0, seed: int | None = 0, generator: torch.Generator | None = None,
+           batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
+           progress: bool = False) -> torch.Tensor:
+    """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
+
+    model: callable model(x (B, C, H, W), t LongTensor (B,) of ORIGINAL training timesteps)
+        returning a tensor (or an object with .sample, e.g. a diffusers UNet2DModel).
+    shape: (C, H, W); inferred from model.config (in_channels, image_size / sample_size) if omitted.
+    schedule: the training schedule (default: model.fastddpm_schedule or linear(1000));
+        steps=k respaces it to k steps ("leading").
+    method: "ddpm" (ancestral; `variance` applies) or "ddim" (`eta` applies).
+    seed / generator: noise source (see module docstring); generator takes precedence.
+    batch_size: images per model call (default min(n, 256)).
+    dtype: precision of the model call (autocast when the model's weights are float32);
+        the sampler state and step math stay float32.
+    backend: "reference" (plain PyTorch), "auto" (the fastest that works here).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive int; got {n!r}")
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t); got {type(model).__name__}")
+    C.one_of(method, C.METHODS, "method")
+    C.one_of(prediction, C.PREDICTIONS, "prediction")
+    C.one_of(variance, C.VARIANCES, "variance")
+    eta = C.check_eta(eta)
+    clip = C.check_clip(clip)
+    if method == "ddim" and variance == "learned_range":
+        raise ValueError("variance='learned_range' applies to method='ddpm' only; DDIM's variance is set by eta")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+    if generator is None:
+        if seed is None:
+            raise ValueError("pass seed=<int> or generator=<torch.Generator>")
+        rng.check_seed(seed)
+    if batch_size is None:
+        batch_size = min(n, 256)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    shape = _resolve_shape(model, shape)
+    s = _resolve_schedule(model, schedule, steps)
+    device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
+    backend = resolve_backend(backend, device)
+    if backend != "reference":
+        raise NotImplementedError(f"backend={backend!r} is not available yet; use 'reference' or 'auto'")
+
+    out = torch.empty((n, *shape), dtype=torch.float32, device=device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=math.ceil(n / batch_size) * s.num_steps, desc=f"sampling ({backend})", unit="step")
+    opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip)
+    try:
+        for start in range(0, n, batch_size):
+            B = min(batch_size, n - start)
+            out[start:start + B] = _sample_batch(model, s, (B, *shape), start, seed, generator, device,
+                                                 model_dtype, autocast, opts, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _initial_noise(shape, start, seed, generator, device, model_dtype):
+    if generator is not None:
+        return _generator_normal(shape, generator, device, model_dtype)
+    return rng.normal_like(torch.empty(shape, device=device), seed, start, rng.TAG_INIT)
+
+
+def _generator_normal(shape, generator, device, dtype):
+    # diffusers' randn_tensor: draw on the generator's device in the model's dtype, then move.
+    z = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return z.to(device=device, dtype=torch.float32)
+
+
+def _check_output(mo, x, variance):
+    try:
+        C.check_model_output(mo, x, variance)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model output does not fit the sampler: {e}") from None
+
+
+def _sample_batch(model, s, shape, start, seed, generator, device, model_dtype, autocast, opts, bar):
+    B = shape[0]
+    method, variance = opts["method"], opts["variance"]
+    x = _initial_noise(shape, start, seed, generator, device, model_dtype)  # (B, C, H, W) float32
+    timesteps = s.timesteps_on(device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    draws = method == "ddpm" or opts["eta"] > 0
+    for i in reversed(range(s.num_steps)):
+        t_model = timesteps[i].expand(B)
+        first = i == s.num_steps - 1
+        try:
+            with torch.autocast(device.type, dtype=model_dtype, enabled=autocast), torch.no_grad():
+                mo = call_model(model, x.to(model_dtype), t_model)
+        except Exception as e:
+            if first and hasattr(e, "add_note"):
+                e.add_note(f"fastddpm.sample: the model failed on its first call with x of shape {tuple(x.shape)} "
+                           f"({model_dtype}, {device}); check shape=, dtype= and device=")
+            raise
+        if first:
+            _check_output(mo, x, variance)
+        noise, kw = None, {}
+        if generator is not None:
+            if draws and i > 0:
+                noise = _generator_normal(shape, generator, device, mo.dtype)
+        else:
+            kw = dict(seed=seed, sample_offset=start)
+        with torch.no_grad():
+            if method == "ddpm":
+                x = diffusion.ddpm_step(s, x, i, mo, noise, prediction=opts["prediction"], variance=variance,
+                                        clip=opts["clip"], **kw)
+            else:
+                x = diffusion.ddim_step(s, x, i, mo, noise, eta=opts["eta"], prediction=opts["prediction"],
+                                        clip=opts["clip"], **kw)
+        bad = ~torch.isfinite(x).all()
+        first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, i), first_bad)
+        if bar is not None:
+            bar.update(1)
+    _raise_if_bad(first_bad, s, start)
+    return x
+
+
+def _raise_if_bad(first_bad, s, start):
+    i = int(first_bad)  # one host sync per batch
+    if i >= 0:
+        raise FloatingPointError(
+            f"non-finite values appeared in the sampler state at step {i} (timestep {int(s.timesteps[i])}) "
+            f"in the batch starting at sample {start}: check the model's output and dtype")
+
+
+def _warn_once(msg, _seen=set()):  # noqa: B006 - deliberate module-level memo
+    if msg not in _seen:
+        _seen.add(msg)
+        warnings.warn(msg, stacklevel=3)

@@ -1,0 +1,41 @@
+"""Models with a known exact answer, for statistical and loop-level tests.
+
+`GaussianDataModel`: data x0 ~ N(mu, diag(sd^2)) element-wise. Then x_t ~ N(sqrt(abar) mu,
+abar sd^2 + 1 - abar) and the exact (Bayes-optimal) predictions are
+
+    E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar sd^2 + 1 - abar)
+    E[x0  | x_t] = mu + sqrt(abar) sd^2 (x_t - sqrt(abar) mu) / (abar sd^2 + 1 - abar)
+    v            = sqrt(abar) eps - sqrt(1 - abar) x0
+
+A DDPM or DDIM loop on this model must produce samples with mean mu and std sd, and a
+deterministic loop is well conditioned (unlike a random U-Net; DESIGN.md, Numerics).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .schedule import Schedule
+
+
+class GaussianDataModel(nn.Module):
+    """model(x (B, *shape), t LongTensor (B,) of training timesteps) -> exact eps / x0 / v."""
+
+    def __init__(self, schedule: Schedule, mu: torch.Tensor, sd: torch.Tensor, prediction: str = "eps"):
+        super().__init__()
+        if schedule.num_steps != schedule.num_train_timesteps:
+            raise ValueError("pass the training schedule (not a respaced one): the model sees training timesteps")
+        self.register_buffer("abar", schedule.alphas_cumprod.clone())  # float64 (T,)
+        self.register_buffer("mu", mu.double())
+        self.register_buffer("sd", sd.double())
+        self.prediction = prediction
+        self.config = type("Cfg", (), dict(in_channels=mu.shape[0], image_size=tuple(mu.shape[1:])))
+
+    def forward(self, x, t):
+        abar = self.abar[t].view(-1, *([1] * (x.ndim - 1)))
+        a, sa, s1 = abar, abar.sqrt(), (1 - abar).sqrt()
+        resid = (x.double() - sa * self.mu) / (a * self.sd**2 + 1 - a)
+        eps = s1 * resid
+        x0 = self.mu + sa * self.sd**2 * resid
+        out = {"eps": eps, "x0": x0, "v": sa * eps - s1 * x0}[self.prediction]
+        return out.to(x.dtype)

@@ -1,0 +1,198 @@
+"""fastddpm.sample (reference backend): statistics on exact-eps Gaussian data, batching,
+noise sources, diffusers models, non-finite detection, argument errors."""
+import math
+
+import pytest
+import torch
+
+import fastddpm
+from fastddpm import Schedule
+from fastddpm.testing import GaussianDataModel
+from formulas import ho_step64, song_step64
+
+SHAPE = (2, 2, 3)  # 12 dimensions with different means and stds
+
+
+def gaussian_model(prediction="eps"):
+    s = Schedule.linear(1000)
+    mu = torch.linspace(-0.8, 0.8, 12).reshape(SHAPE)
+    # sd >= 0.2: the last step returns E[x0 | x at noise level sqrt(1 - abar_0) = 0.01], which
+    # shrinks the std by a factor sqrt(sd^2 / (sd^2 + 1e-4)): < 0.2% here (4% at sd = 0.05).
+    sd = torch.linspace(0.2, 1.0, 12).reshape(SHAPE)
+    return s, mu, sd, GaussianDataModel(s, mu, sd, prediction)
+
+
+def assert_gaussian(x, mu, sd, n):
+    """Per-dimension mean within 5 standard errors + 0.01, std within 5 standard errors + 1%
+    (the allowance covers time discretisation; sampling error alone is ~1.3% of the std at n = 3000)."""
+    m, v = x.double().mean(0), x.double().std(0)
+    se = sd.double() / math.sqrt(n)
+    assert ((m - mu).abs() <= 5 * se + 0.01).all(), (m - mu).abs().max()
+    assert ((v / sd - 1).abs() <= 5 / math.sqrt(2 * n) + 0.01).all(), (v / sd - 1).abs().max()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_ddpm_loop_reproduces_gaussian_data(prediction):
+    s, mu, sd, model = gaussian_model(prediction)
+    n = 3000
+    x = fastddpm.sample(model, n, schedule=s, clip=None, seed=3, prediction=prediction,
+                        backend="reference", batch_size=n)
+    assert x.shape == (n, *SHAPE) and x.dtype == torch.float32
+    assert_gaussian(x, mu, sd, n)
+
+
+def chain_moments(model, r, method, eta=0.0, variance="fixed_small"):
+    """Exact mean and std of the DISCRETISED sampling chain on Gaussian data, in float64.
+
+    With exact eps every step is affine per dimension, x' = a x + b + c z, so moments
+    propagate exactly: m' = a m + b, v' = a^2 v + c^2, from m = 0, v = 1. The step
+    formulas are the papers' (tests/formulas.py), not fastddpm's code."""
+    m, v = torch.zeros(1, *SHAPE, dtype=torch.float64), torch.ones(1, *SHAPE, dtype=torch.float64)
+    zero, one = torch.zeros(1, *SHAPE, dtype=torch.float64), torch.ones(1, *SHAPE, dtype=torch.float64)
+    for i in reversed(range(r.num_steps)):
+        t = torch.tensor([i])
+
+        def step(x, z):
+            eps = model(x, r.timesteps[t])
+            if method == "ddim":
+                return song_step64(r, x, t, eps, z, eta, "eps", None)
+            return ho_step64(r, x, t, eps, z, "eps", variance, None)
+
+        b = step(zero, zero)
+        a = step(one, zero) - b
+        c = step(zero, one) - b
+        m, v = a * m + b, a**2 * v + c**2
+    return m[0], v[0].sqrt()
+
+
+@pytest.mark.parametrize("method,eta,variance,steps", [
+    ("ddim", 0.0, "fixed_small", 50), ("ddim", 1.0, "fixed_small", 50),
+    ("ddpm", 0.0, "fixed_large", 20), ("ddpm", 0.0, "fixed_small", 10)])
+def test_few_step_loops_match_exact_chain_moments(method, eta, variance, steps):
+    """Few-step loops are biased (50-step DDIM under-disperses by 10-20% here), so they are
+    checked against the exact moments of the discretised chain, at sampling-error tolerance."""
+    s, mu, sd, model = gaussian_model()
+    model.double()
+    r = s.respace(steps)
+    n = 4000
+    x = fastddpm.sample(model, n, schedule=s, steps=steps, method=method, eta=eta, variance=variance, clip=None,
+                        seed=5, batch_size=n)
+    m_exact, sd_exact = chain_moments(model, r, method, eta, variance)
+    se = sd_exact / math.sqrt(n)
+    assert ((x.double().mean(0) - m_exact).abs() <= 5 * se + 1e-4).all()
+    assert ((x.double().std(0) / sd_exact - 1).abs() <= 5 / math.sqrt(2 * n)).all()
+
+
+def test_ddim_1000_steps_reproduces_gaussian_data():
+    s, mu, sd, model = gaussian_model()
+    n = 3000
+    x = fastddpm.sample(model, n, schedule=s, method="ddim", eta=0.0, clip=None, seed=5, batch_size=n)
+    assert_gaussian(x, mu, sd, n)
+
+
+def test_seed_mode_is_independent_of_batch_size():
+    s, mu, sd, model = gaussian_model()
+    a = fastddpm.sample(model, 7, schedule=s, steps=20, seed=9)
+    b = fastddpm.sample(model, 7, schedule=s, steps=20, seed=9, batch_size=3)
+    c = fastddpm.sample(model, 7, schedule=s, steps=20, seed=10)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+
+
+def test_generator_mode_is_reproducible_and_follows_diffusers_order():
+    s, mu, sd, model = gaussian_model()
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    a = fastddpm.sample(model, 4, schedule=s, steps=10, generator=g())
+    b = fastddpm.sample(model, 4, schedule=s, steps=10, generator=g())
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the same loop written out by hand with the draws in diffusers' order
+    r = s.respace(10)
+    gen = g()
+    x = torch.randn((4, *SHAPE), generator=gen)
+    for i in reversed(range(r.num_steps)):
+        eps = model(x, r.timesteps[i].expand(4))
+        noise = torch.randn((4, *SHAPE), generator=gen) if i > 0 else None
+        x = fastddpm.diffusion.ddpm_step(r, x, i, eps, noise)
+    torch.testing.assert_close(a, x, rtol=0, atol=0)
+
+
+def test_matches_a_diffusers_loop_with_unet2dmodel():
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(32, 32), norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(25)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 3, 8, 8), generator=gen)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x, generator=gen).prev_sample
+    ours = fastddpm.sample(unet, 2, schedule=Schedule.from_diffusers(sched), generator=torch.Generator().manual_seed(0))
+    assert ours.shape == (2, 3, 8, 8)  # shape inferred from unet.config
+    rel = (ours - x).norm() / x.norm()
+    assert rel < 1e-4, rel
+
+
+def test_non_finite_state_raises_with_step():
+    s = Schedule.linear(100)
+
+    def model(x, t):
+        bad = (t == 40).view(-1, 1, 1, 1)
+        return torch.where(bad, torch.full_like(x, float("nan")), torch.zeros_like(x))
+
+    with pytest.raises(FloatingPointError, match="step 40 .timestep 40"):
+        fastddpm.sample(model, 2, shape=(1, 4, 4), schedule=s)
+
+
+def test_learned_range_and_dtype_paths():
+    m = fastddpm.UNet.from_preset("tiny", out_channels=6).eval()
+    x = fastddpm.sample(m, 2, steps=5, variance="learned_range")
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+    x16 = fastddpm.sample(m, 2, steps=5, variance="learned_range", dtype=torch.bfloat16)
+    assert x16.dtype == torch.float32 and torch.isfinite(x16).all()
+
+
+def test_progress_bar(capsys):
+    s, mu, sd, model = gaussian_model()
+    fastddpm.sample(model, 3, schedule=s, steps=4, batch_size=2, progress=True)
+    assert "8/8" in capsys.readouterr().err
+
+
+def test_argument_errors():
+    s, mu, sd, model = gaussian_model()
+    unet = fastddpm.UNet.from_preset("tiny")
+    cases = [
+        (dict(n=0), ValueError, "n must be"),
+        (dict(method="euler"), ValueError, "method"),
+        (dict(prediction="sample"), ValueError, "prediction"),
+        (dict(variance="fixed"), ValueError, "variance"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(seed=None), ValueError, "seed"),
+        (dict(generator=5), TypeError, "generator"),
+        (dict(method="ddim", variance="learned_range"), ValueError, "learned_range"),
+        (dict(shape=(3, 0, 4)), ValueError, "shape"),
+        (dict(schedule="linear"), TypeError, "Schedule"),
+        (dict(steps=5000), ValueError, "exceeds"),
+        (dict(dtype=torch.int8), ValueError, "dtype"),
+        (dict(clip=0.0), ValueError, "clip"),
+        (dict(device="meta"), ValueError, "device"),
+    ]
+    for kw, exc, msg in cases:
+        args = dict(n=2, steps=3)
+        args.update(kw)
+        with pytest.raises(exc, match=msg):
+            fastddpm.sample(unet, **args)
+    with pytest.raises(ValueError, match="model output does not fit"):
+        fastddpm.sample(lambda x, t: x[:, :1], 2, shape=(3, 4, 4), steps=2)
+    with pytest.raises(RuntimeError) as info:
+        fastddpm.sample(unet, 2, shape=(1, 16, 16), steps=2)
+    assert "shape=" in "".join(getattr(info.value, "__notes__", ["shape="]))
+    with pytest.raises(ValueError, match="shape is required"):
+        fastddpm.sample(lambda x, t: x, 2, steps=2)
+    with pytest.raises(TypeError, match="callable"):
+        fastddpm.sample("unet", 2)
+    with pytest.raises(TypeError, match="tensor or an object with .sample"):
+        fastddpm.sample(lambda x, t: "x", 2, shape=(1, 2, 2), steps=2)
