@@ -97,9 +97,16 @@ def _resolve_device_dtype(model, device, dtype):
 
 
 def resolve_backend(backend, device):
+    """'auto' -> the fastest backend that works on `device`: fused Triton steps on CUDA
+    (when Triton imports), the reference loop elsewhere."""
     C.one_of(backend, C.BACKENDS, "backend")
+    if backend == "graph":
+        raise NotImplementedError("backend='graph' (CUDA-graph captured loop) is not available yet; "
+                                  "use 'fused' or 'auto'")
     if backend == "auto":
-        return "reference"
+        from . import ops
+
+        return "fused" if device.type == "cuda" and ops.kernels_available()[0] else "reference"
     return backend
 
 
@@ -147,8 +154,6 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     s = _resolve_schedule(model, schedule, steps)
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
     backend = resolve_backend(backend, device)
-    if backend != "reference":
-        raise NotImplementedError(f"backend={backend!r} is not available yet; use 'reference' or 'auto'")
 
     out = torch.empty((n, *shape), dtype=torch.float32, device=device)
     bar = None
@@ -161,7 +166,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         for start in range(0, n, batch_size):
             B = min(batch_size, n - start)
             out[start:start + B] = _sample_batch(model, s, (B, *shape), start, seed, generator, device,
-                                                 model_dtype, autocast, opts, bar)
+                                                 model_dtype, autocast, opts, bar, backend)
     finally:
         if bar is not None:
             bar.close()
@@ -187,9 +192,20 @@ def _check_output(mo, x, variance):
         raise ValueError(f"model output does not fit the sampler: {e}") from None
 
 
-def _sample_batch(model, s, shape, start, seed, generator, device, model_dtype, autocast, opts, bar):
+def _step_fn(backend, method):
+    """The step function of a backend; the fused one updates the state in place (out=x)."""
+    if backend == "reference":
+        return diffusion.ddpm_step if method == "ddpm" else diffusion.ddim_step
+    from . import ops
+
+    fn = ops.ddpm_step if method == "ddpm" else ops.ddim_step
+    return lambda s, x, *args, **kw: fn(s, x, *args, out=x, **kw)
+
+
+def _sample_batch(model, s, shape, start, seed, generator, device, model_dtype, autocast, opts, bar, backend):
     B = shape[0]
     method, variance = opts["method"], opts["variance"]
+    step = _step_fn(backend, method)
     x = _initial_noise(shape, start, seed, generator, device, model_dtype)  # (B, C, H, W) float32
     timesteps = s.timesteps_on(device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -213,13 +229,12 @@ def _sample_batch(model, s, shape, start, seed, generator, device, model_dtype, 
                 noise = _generator_normal(shape, generator, device, mo.dtype)
         else:
             kw = dict(seed=seed, sample_offset=start)
+        if method == "ddpm":
+            kw["variance"] = variance
+        else:
+            kw["eta"] = opts["eta"]
         with torch.no_grad():
-            if method == "ddpm":
-                x = diffusion.ddpm_step(s, x, i, mo, noise, prediction=opts["prediction"], variance=variance,
-                                        clip=opts["clip"], **kw)
-            else:
-                x = diffusion.ddim_step(s, x, i, mo, noise, eta=opts["eta"], prediction=opts["prediction"],
-                                        clip=opts["clip"], **kw)
+            x = step(s, x, i, mo, noise, prediction=opts["prediction"], clip=opts["clip"], **kw)
         bad = ~torch.isfinite(x).all()
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, i), first_bad)
         if bar is not None:

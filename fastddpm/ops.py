@@ -1,0 +1,150 @@
+"""Fused ops: drop-in replacements for `fastddpm.diffusion`'s q_sample / ddpm_step / ddim_step.
+
+Same signatures, same results (within float32 rounding), one kernel launch each:
+
+    from fastddpm import ops
+    x_prev = ops.ddpm_step(s, x_t, t, eps, noise)                  # explicit noise
+    x_prev = ops.ddpm_step(s, x_t, t, eps, seed=7, sample_offset=0) # noise drawn in the kernel
+    x_t, eps = ops.q_sample(s, x0, t, seed=7)                       # training: x_t and its target
+
+Where they run: CUDA tensors -> compiled Triton kernels. CPU tensors with TRITON_INTERPRET=1
+set before fastddpm.ops first launched a kernel -> the same kernels under Triton's
+interpreter (how CI tests them). Otherwise -> the reference math, with a one-time notice.
+
+Extras over the reference: `out=` (a float32 buffer shaped like x_t to write into; it may
+be x_t itself) for allocation-free loops. t may be a device LongTensor (B,): no host sync
+happens inside while a CUDA graph is being captured.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import _checks as C
+from . import diffusion
+
+__all__ = ["q_sample", "ddpm_step", "ddim_step", "kernels_available", "backend_for"]
+
+_kernels = None
+_notified = False
+
+
+def _load_kernels():
+    global _kernels
+    if _kernels is None:
+        from fastddpm.kernels import q_sample as q_mod
+        from fastddpm.kernels import step as step_mod
+
+        _kernels = (q_mod, step_mod)
+    return _kernels
+
+
+def kernels_available() -> tuple[bool, str]:
+    """(ok, why): whether Triton can be imported here."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"triton cannot be imported ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton' (compiled), 'interpreter' or 'reference' for a tensor on x's device."""
+    ok, _ = kernels_available()
+    if not ok:
+        return "reference"
+    if x.is_cuda:
+        return "triton"
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreter"
+    return "reference"
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    global _notified
+    backend = backend_for(x)
+    if backend != "reference":
+        return True
+    if not _notified:
+        _notified = True
+        ok, why = kernels_available()
+        reason = why if not ok else (f"tensors are on {x.device}; set TRITON_INTERPRET=1 before the first "
+                                     "fastddpm.ops call to run the kernels under Triton's interpreter")
+        warnings.warn(f"fastddpm.ops: fused kernels unavailable ({reason}); using the reference math "
+                      "(same results, not fused)", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _check_out(out, x):
+    if out is None:
+        return
+    C.check_like(out, x, "out")
+    if out.dtype != torch.float32:
+        raise TypeError(f"out must be float32 (the sampler state's dtype); got {out.dtype}")
+
+
+def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed: int | None = None,
+             sample_offset: int = 0):
+    """Fused `fastddpm.diffusion.q_sample` (same arguments and results)."""
+    C.check_schedule(s)
+    C.check_float_tensor(x0, "x0", min_ndim=1)
+    t = C.check_t(s, t, x0)
+    C.check_noise_source(noise, seed, x0, needs_noise=True)
+    C.check_sample_offset(sample_offset)
+    if sample_offset + x0.shape[0] > 2**32:
+        raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x0.shape[0]}")
+    if not _use_kernels(x0):
+        return diffusion.q_sample(s, x0, t, noise, seed=seed, sample_offset=sample_offset)
+    q_mod, _ = _load_kernels()
+    return q_mod.q_sample_forward(s, x0, t, noise, seed, sample_offset)
+
+
+def _step(ref_fn, s, x_t, t, model_output, noise, *, ddim, eta, prediction, variance, clip, seed,
+          sample_offset, return_x0, out):
+    C.check_schedule(s)
+    C.check_float_tensor(x_t, "x_t")
+    C.one_of(prediction, C.PREDICTIONS, "prediction")
+    C.one_of(variance, C.VARIANCES, "variance")
+    eta = C.check_eta(eta)
+    clip = C.check_clip(clip)
+    t = C.check_t(s, t, x_t)
+    C.check_model_output(model_output, x_t, variance)
+    at_zero = isinstance(t, int) and t == 0
+    C.check_noise_source(noise, seed, x_t, needs_noise=not at_zero and (not ddim or eta > 0))
+    C.check_sample_offset(sample_offset)
+    if sample_offset + x_t.shape[0] > 2**32:
+        raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x_t.shape[0]}")
+    _check_out(out, x_t)
+    if not _use_kernels(x_t):
+        kw = dict(eta=eta) if ddim else dict(variance=variance)
+        res = ref_fn(s, x_t, t, model_output, noise, prediction=prediction, clip=clip, seed=seed,
+                     sample_offset=sample_offset, return_x0=return_x0, **kw)
+        if out is not None:
+            out.copy_(res[0] if return_x0 else res)
+            res = (out, res[1]) if return_x0 else out
+        return res
+    _, step_mod = _load_kernels()
+    return step_mod.step_forward(s, x_t, t, model_output, noise, ddim=ddim, eta=eta, prediction=prediction,
+                                 variance=variance, clip=clip, seed=seed, sample_offset=sample_offset,
+                                 return_x0=return_x0, out=out)
+
+
+def ddpm_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None, *,
+              prediction: str = "eps", variance: str = "fixed_small", clip: float | None = 1.0,
+              seed: int | None = None, sample_offset: int = 0, return_x0: bool = False,
+              out: torch.Tensor | None = None):
+    """Fused `fastddpm.diffusion.ddpm_step`: one launch for x0, clipping, posterior mean and noise."""
+    return _step(diffusion.ddpm_step, s, x_t, t, model_output, noise, ddim=False, eta=0.0, prediction=prediction,
+                 variance=variance, clip=clip, seed=seed, sample_offset=sample_offset, return_x0=return_x0,
+                 out=out)
+
+
+def ddim_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None, *,
+              eta: float = 0.0, prediction: str = "eps", clip: float | None = 1.0, seed: int | None = None,
+              sample_offset: int = 0, return_x0: bool = False, out: torch.Tensor | None = None):
+    """Fused `fastddpm.diffusion.ddim_step` (Song et al. 2021 eq. 12) in one launch."""
+    return _step(diffusion.ddim_step, s, x_t, t, model_output, noise, ddim=True, eta=eta, prediction=prediction,
+                 variance="fixed_small", clip=clip, seed=seed, sample_offset=sample_offset, return_x0=return_x0,
+                 out=out)

@@ -1,0 +1,149 @@
+"""Fused reverse step: predicted x0, clipping, posterior mean, variance and noise in ONE pass.
+
+Per element (math in float32; coefficients are per-sample scalars read from the schedule's
+float32 device table, which was computed in float64; see fastddpm/diffusion.py for the
+formulas and their sources):
+
+    x0   = sqrt(1/abar) x - sqrt(1/abar - 1) eps   |  mo  |  sqrt(abar) x - sqrt(1 - abar) v
+    x0   = clamp(x0, -clip, clip)
+    DDPM: out = coef_x0 x0 + coef_xt x + [t > 0] sigma z,   sigma from fixed_small / fixed_large /
+          learned_range (exp(0.5 (f log beta + (1 - f) log var_small)), f = (v + 1) / 2)
+    DDIM: out = sqrt(abar_prev) x0 + dir eps_raw + [t > 0] sigma_eta z
+
+Reads x, the model output (and v for learned_range), optionally noise; writes out and
+optionally x0. Grid: (B, blocks per sample), so t[b] and every coefficient is one scalar load.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm.schedule import ROW
+
+from .common import block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, split_seed, to_layout
+
+PRED = {"eps": 0, "x0": 1, "v": 2}
+VAR = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+
+
+@triton.jit
+def _row(tab_ptr, row: tl.constexpr, S, t):
+    return tl.load(tab_ptr + row * S + t)
+
+
+@triton.jit
+def step_kernel(
+    x_ptr, mo_ptr, v_ptr, z_ptr, out_ptr, x0_ptr,          # tensors (B, ...) in one layout
+    sxb, sxp, smb, smp, svb, svp, szb, szp, sob, sop, s0b, s0p,  # batch and pixel strides
+    tab_ptr, sig_ptr, dir_ptr, t_ptr, t_scalar, S,          # schedule table (ROWS, S); DDIM rows; t
+    N, C, HW, clip, seed_lo, seed_hi, sample_offset,
+    ROW_SQRT_RECIP: tl.constexpr, ROW_SQRT_RECIPM1: tl.constexpr, ROW_SQRT_ABAR: tl.constexpr,
+    ROW_SQRT_1M_ABAR: tl.constexpr, ROW_COEF_X0: tl.constexpr, ROW_COEF_XT: tl.constexpr,
+    ROW_STD_SMALL: tl.constexpr, ROW_STD_LARGE: tl.constexpr, ROW_LOGVAR_SMALL: tl.constexpr,
+    ROW_LOG_BETA: tl.constexpr, ROW_SQRT_ABAR_PREV: tl.constexpr,
+    DDIM: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
+    PER_SAMPLE_T: tl.constexpr, WRITE_X0: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    if PER_SAMPLE_T:
+        t = tl.load(t_ptr + b)
+    else:
+        t = t_scalar + 0 * b  # an int64 scalar either way
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < N
+
+    x = tl.load(x_ptr + offsets(b, i, sxb, sxp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + offsets(b, i, smb, smp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+
+    # predicted x0 (and the raw eps DDIM needs)
+    if PRED == 0:
+        x0 = _row(tab_ptr, ROW_SQRT_RECIP, S, t) * x - _row(tab_ptr, ROW_SQRT_RECIPM1, S, t) * mo
+        eps = mo
+    elif PRED == 1:
+        x0 = mo
+        eps = (x - _row(tab_ptr, ROW_SQRT_ABAR, S, t) * mo) / _row(tab_ptr, ROW_SQRT_1M_ABAR, S, t)
+    else:
+        sa = _row(tab_ptr, ROW_SQRT_ABAR, S, t)
+        s1 = _row(tab_ptr, ROW_SQRT_1M_ABAR, S, t)
+        x0 = sa * x - s1 * mo
+        eps = sa * mo + s1 * x
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+
+    # mean and standard deviation of the step
+    if DDIM:
+        out = _row(tab_ptr, ROW_SQRT_ABAR_PREV, S, t) * x0 + tl.load(dir_ptr + t) * eps
+        std = tl.load(sig_ptr + t)
+    else:
+        out = _row(tab_ptr, ROW_COEF_X0, S, t) * x0 + _row(tab_ptr, ROW_COEF_XT, S, t) * x
+        if VAR == 0:
+            std = _row(tab_ptr, ROW_STD_SMALL, S, t)
+        elif VAR == 1:
+            std = _row(tab_ptr, ROW_STD_LARGE, S, t)
+        else:
+            v = tl.load(v_ptr + offsets(b, i, svb, svp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+            frac = (v + 1.0) * 0.5
+            log_var = frac * _row(tab_ptr, ROW_LOG_BETA, S, t) + (1.0 - frac) * _row(tab_ptr, ROW_LOGVAR_SMALL, S, t)
+            std = tl.exp(0.5 * log_var)
+
+    # noise, never at step 0
+    if NOISE != 0:
+        if t > 0:
+            if NOISE == 1:
+                z = tl.load(z_ptr + offsets(b, i, szb, szp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+            else:
+                z = block_noise(pid, sample_offset + b, t, seed_lo, seed_hi, i, C, HW, BLOCK, LAYOUT_CL)
+            out = out + std * z
+
+    tl.store(out_ptr + offsets(b, i, sob, sop, C, LAYOUT_CL), out, mask=mask)
+    if WRITE_X0:
+        tl.store(x0_ptr + offsets(b, i, s0b, s0p, C, LAYOUT_CL), x0, mask=mask)
+
+
+def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, prediction: str, variance: str,
+                 clip, seed, sample_offset: int, return_x0: bool, out=None):
+    """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a LongTensor (B,)."""
+    B = x_t.shape[0]
+    C = x_t.shape[1]
+    x_t, layout = pick_layout(x_t)
+    N = x_t[0].numel()
+    HW = N // C
+    dev = x_t.device
+    mo, v = model_output, model_output
+    if variance == "learned_range" and not ddim:
+        mo, v = model_output[:, :C], model_output[:, C:]
+    mo, v = to_layout(mo, layout), to_layout(v, layout)
+    z = to_layout(noise, layout) if noise is not None else x_t
+    if out is None:
+        out = torch.empty_like(x_t, dtype=torch.float32)
+    x0 = torch.empty_like(out) if return_x0 else out
+    tab = s.table(dev)
+    if ddim:
+        rows = s.ddim_rows(dev, eta)
+        sig, dir_ = rows.sigma, rows.dir_coef
+        noise_mode = NOISE_NONE if eta == 0 else (NOISE_TENSOR if noise is not None else NOISE_PHILOX)
+    else:
+        sig = dir_ = tab
+        noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX
+    if noise_mode == NOISE_PHILOX and seed is None:  # only reachable for step 0 without noise
+        noise_mode = NOISE_NONE
+    per_sample = isinstance(t, torch.Tensor)
+    seed_lo, seed_hi = split_seed(seed or 0)
+    block, warps = launch_config(N)
+    step_kernel[grid(B, N, block)](
+        x_t, mo, v, z, out, x0,
+        x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), v.stride(0), pixel_stride(v),
+        z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0.stride(0), pixel_stride(x0),
+        tab, sig, dir_, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
+        N, C, HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, sample_offset,
+        ROW["sqrt_recip_abar"], ROW["sqrt_recipm1_abar"], ROW["sqrt_abar"], ROW["sqrt_one_minus_abar"],
+        ROW["coef_x0"], ROW["coef_xt"], ROW["std_small"], ROW["std_large"], ROW["log_var_small"],
+        ROW["log_beta"], ROW["sqrt_abar_prev"],
+        DDIM=ddim, PRED=PRED[prediction], VAR=VAR[variance], CLIP=clip is not None, NOISE=noise_mode,
+        PER_SAMPLE_T=per_sample, WRITE_X0=return_x0, LAYOUT_CL=layout == "cl", BLOCK=block,
+        num_warps=warps,
+    )
+    return (out, x0) if return_x0 else out

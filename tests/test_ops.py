@@ -1,0 +1,244 @@
+"""Fused ops == reference math, with the same noise, on fresh random inputs.
+
+Runs the Triton kernels under TRITON_INTERPRET=1 on the CPU (conftest sets it) and,
+unchanged, compiled on a GPU. Output buffers are poisoned with NaN before each launch.
+"""
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+
+from fastddpm import Schedule, diffusion, ops, rng
+
+SHAPES = [(3, 3, 17, 29), (7, 4, 8, 8), (2, 1, 5, 3)]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}  # same half input on both sides
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return Schedule.linear(1000).respace(250, "trailing")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def require_kernels():
+    if ops.backend_for(torch.empty(1, device="cuda" if torch.cuda.is_available() else "cpu")) == "reference":
+        pytest.skip("Triton kernels cannot run here (no CUDA and TRITON_INTERPRET unset)")
+
+
+def dev():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def mixed_t(s, B):
+    t = torch.randint(0, s.num_steps, (B,), device=dev())
+    t[0] = 0
+    t[-1] = s.num_steps - 1
+    return t
+
+
+def poisoned(shape):
+    return torch.full(shape, float("nan"), device=dev())
+
+
+def close(a, b, tol):
+    a, b = a.double(), b.double()
+    scale = max(b.abs().max().item(), 1.0)
+    err = (a - b).abs().max().item()
+    assert err <= tol * scale, f"max abs err {err:.3g} > {tol} * {scale:.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("prediction,variance,clip,noise_mode,t_kind", list(itertools.product(
+    ["eps", "x0", "v"], ["fixed_small", "fixed_large", "learned_range"], [None, 1.0], ["tensor", "seed"],
+    ["mixed", "int"])))
+def test_ddpm_step_equals_reference(sched, shape, prediction, variance, clip, noise_mode, t_kind):
+    B, C = shape[:2]
+    x = torch.randn(shape, device=dev())
+    mo = torch.randn(B, 2 * C if variance == "learned_range" else C, *shape[2:], device=dev())
+    if variance == "learned_range":
+        mo[:, C:].uniform_(-1, 1)
+    t = mixed_t(sched, B) if t_kind == "mixed" else int(torch.randint(1, sched.num_steps, ()))
+    kw = dict(prediction=prediction, variance=variance, clip=clip)
+    if noise_mode == "tensor":
+        z = torch.randn(shape, device=dev())
+        want, want_x0 = diffusion.ddpm_step(sched, x, t, mo, z, return_x0=True, **kw)
+        out = poisoned(shape)
+        got, got_x0 = ops.ddpm_step(sched, x, t, mo, z, return_x0=True, out=out, **kw)
+        assert got is out
+    else:
+        want, want_x0 = diffusion.ddpm_step(sched, x, t, mo, seed=17, sample_offset=5, return_x0=True, **kw)
+        got, got_x0 = ops.ddpm_step(sched, x, t, mo, seed=17, sample_offset=5, return_x0=True, out=poisoned(shape),
+                                    **kw)
+    assert got.dtype == torch.float32 and got.shape == shape
+    close(got, want, 1e-5)
+    close(got_x0, want_x0, 1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("prediction,eta,clip,noise_mode", list(itertools.product(
+    ["eps", "x0", "v"], [0.0, 0.3, 1.0], [None, 1.0], ["tensor", "seed"])))
+def test_ddim_step_equals_reference(sched, shape, prediction, eta, clip, noise_mode):
+    x, mo, z = (torch.randn(shape, device=dev()) for _ in range(3))
+    t = mixed_t(sched, shape[0])
+    kw = dict(eta=eta, prediction=prediction, clip=clip)
+    if noise_mode == "tensor":
+        want = diffusion.ddim_step(sched, x, t, mo, z, **kw)
+        got = ops.ddim_step(sched, x, t, mo, z, out=poisoned(shape), **kw)
+    else:
+        want = diffusion.ddim_step(sched, x, t, mo, seed=3, **kw)
+        got = ops.ddim_step(sched, x, t, mo, seed=3, out=poisoned(shape), **kw)
+    close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_half_precision_model_outputs(sched, dtype, variance):
+    shape = (3, 3, 17, 29)
+    x = torch.randn(shape, device=dev())
+    mo32 = torch.randn(3, 6 if variance == "learned_range" else 3, 17, 29, device=dev())
+    mo32[:, 3:].clamp_(-1, 1)
+    mo = mo32.to(dtype)
+    t = mixed_t(sched, 3)
+    got = ops.ddpm_step(sched, x, t, mo, seed=1, variance=variance, out=poisoned(shape))
+    assert got.dtype == torch.float32
+    close(got, diffusion.ddpm_step(sched, x, t, mo, seed=1, variance=variance), TOL[dtype])
+    # against the float32 model output: the half-precision rounding of the input, no more
+    close(got, diffusion.ddpm_step(sched, x, t, mo32, seed=1, variance=variance), 1e-2)
+    close(ops.ddim_step(sched, x, t, mo[:, :3], seed=1, eta=0.5),
+          diffusion.ddim_step(sched, x, t, mo[:, :3], seed=1, eta=0.5), TOL[dtype])
+
+
+def test_strided_and_channels_last_inputs(sched):
+    B, C, H, W = 4, 3, 9, 13
+    t = mixed_t(sched, B)
+    big = torch.randn(2 * B, C, H, W, device=dev())
+    x_batch_strided = big[::2]                                    # batch stride only: no copy needed
+    x_transposed = torch.randn(B, C, W, H, device=dev()).transpose(2, 3)  # odd layout: copied
+    mo_cl = torch.randn(B, 2 * C, H, W, device=dev()).contiguous(memory_format=torch.channels_last)
+    mo_cl[:, C:].clamp_(-1, 1)
+    for x in (x_batch_strided, x_transposed, x_batch_strided.contiguous(memory_format=torch.channels_last)):
+        for mo in (mo_cl, mo_cl.contiguous()):
+            for variance in ("fixed_small", "learned_range"):
+                m = mo if variance == "learned_range" else mo[:, :C]
+                want = diffusion.ddpm_step(sched, x, t, m, seed=9, variance=variance)
+                close(ops.ddpm_step(sched, x, t, m, seed=9, variance=variance), want, 1e-5)
+    x_cl = x_batch_strided.contiguous(memory_format=torch.channels_last)
+    got = ops.ddpm_step(sched, x_cl, t, mo_cl[:, :C], seed=9)
+    assert got.is_contiguous(memory_format=torch.channels_last)  # the state keeps its layout
+
+
+def test_in_place_update_and_int_vs_tensor_t(sched):
+    x, mo, z = (torch.randn(5, 2, 6, 7, device=dev()) for _ in range(3))
+    want = diffusion.ddpm_step(sched, x, 40, mo, z)
+    y = x.clone()
+    ops.ddpm_step(sched, y, 40, mo, z, out=y)
+    close(y, want, 1e-5)
+    close(ops.ddpm_step(sched, x, torch.full((5,), 40, device=dev()), mo, z), want, 1e-5)
+
+
+def test_step_zero_ignores_noise(sched):
+    x, mo = torch.randn(3, 2, 4, 4, device=dev()), torch.randn(3, 2, 4, 4, device=dev())
+    nan = torch.full_like(x, float("nan"))
+    t = torch.tensor([0, 3, 0], device=dev())
+    out = ops.ddpm_step(sched, x, t, mo, nan, variance="fixed_large")
+    assert torch.isfinite(out[[0, 2]]).all() and torch.isnan(out[1]).all()
+    close(ops.ddpm_step(sched, x, 0, mo), diffusion.ddpm_step(sched, x, 0, mo), 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 17, 29), (4, 7), (6,)])
+def test_q_sample_equals_reference(sched, shape):
+    x0, z = torch.randn(shape, device=dev()), torch.randn(shape, device=dev())
+    t = mixed_t(sched, shape[0])
+    close(ops.q_sample(sched, x0, t, z), diffusion.q_sample(sched, x0, t, z), 1e-6)
+    got, got_z = ops.q_sample(sched, x0, t, seed=21, sample_offset=3)
+    want, want_z = diffusion.q_sample(sched, x0, t, seed=21, sample_offset=3)
+    close(got, want, 1e-6)
+    close(got_z, want_z, 1e-6)
+
+
+# ---------------------------------------------------------------------------- in-kernel noise
+def kernel_step_noise(s, B, shape, t, seed, offset):
+    """The kernel's step noise: with x = 0 and eps = 0 (clip off), ddpm_step returns std_t * z."""
+    zero = torch.zeros(B, *shape, device=dev())
+    out = ops.ddpm_step(s, zero, t, zero, seed=seed, sample_offset=offset, clip=None)
+    t_ = t if isinstance(t, int) else t.cpu()
+    std = s.table("cpu")[6][t_].view(-1, *([1] * len(shape))).to(dev())
+    return out / std
+
+
+def test_kernel_noise_statistics_and_independence(sched):
+    z = kernel_step_noise(sched, 64, (3, 16, 16), 100, seed=5, offset=0).flatten(1)  # (64, 768)
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.std().item() - 1) < 5 / math.sqrt(2 * n)
+    other_step = kernel_step_noise(sched, 64, (3, 16, 16), 101, seed=5, offset=0).flatten(1)
+    for a, b in ((z[:-1], z[1:]), (z, other_step), (z[:, :-1], z[:, 1:])):
+        r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+        assert abs(r) < 5 / math.sqrt(a.numel()), r
+
+
+def test_kernel_noise_same_in_batch_of_1_or_7(sched):
+    batch = kernel_step_noise(sched, 7, (3, 5, 7), torch.full((7,), 60, device=dev()), seed=8, offset=10)
+    for i in range(7):
+        single = kernel_step_noise(sched, 1, (3, 5, 7), 60, seed=8, offset=10 + i)
+        torch.testing.assert_close(single[0], batch[i], rtol=0, atol=0)
+
+
+def test_kernel_noise_equals_torch_philox(sched):
+    """The pure-PyTorch stream reproduces the kernels' in-kernel noise (integer part bit-exact)."""
+    shape = (3, 17, 29)
+    x0 = torch.zeros(6, *shape, device=dev())
+    _, z = ops.q_sample(sched, x0, 0, seed=2**40 + 7, sample_offset=123)
+    want = rng.normal(2**40 + 7, torch.arange(123, 129), rng.TAG_Q_SAMPLE, math.prod(shape), device=dev())
+    torch.testing.assert_close(z.reshape(6, -1), want, rtol=1e-6, atol=1e-6)
+    cl = x0.contiguous(memory_format=torch.channels_last)
+    _, z_cl = ops.q_sample(sched, cl, 0, seed=2**40 + 7, sample_offset=123)
+    torch.testing.assert_close(z_cl.contiguous().reshape(6, -1), want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- errors and fallback
+def test_argument_errors(sched):
+    x = torch.randn(2, 3, 4, 4, device=dev())
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.ddpm_step(sched, x, 3, x, x, out=torch.empty(2, 3, 4, device=dev()))
+    with pytest.raises(TypeError, match="out must be float32"):
+        ops.ddpm_step(sched, x, 3, x, x, out=torch.empty_like(x, dtype=torch.float16))
+    with pytest.raises(ValueError, match="sample_offset"):
+        ops.ddpm_step(sched, x, 3, x, seed=1, sample_offset=2**32 - 1)
+    with pytest.raises(ValueError, match="0..249"):
+        ops.ddim_step(sched, x, torch.tensor([0, 250], device=dev()), x)
+    with pytest.raises(ValueError, match="model_output"):
+        ops.ddpm_step(sched, x, 3, x, x, variance="learned_range")
+    with pytest.raises(ValueError, match="noise is required"):
+        ops.q_sample(sched, x, 3)
+
+
+def test_reference_fallback_notice(sched, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for machines without CUDA")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ops, "_notified", False)
+    x, mo, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
+        got = ops.ddpm_step(sched, x, 3, mo, z)
+    torch.testing.assert_close(got, diffusion.ddpm_step(sched, x, 3, mo, z))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.ddpm_step(sched, x, 3, mo, z)  # once only
+
+
+@pytest.mark.gpu
+def test_int64_offsets_beyond_2_31_elements():
+    """A batch whose flat size exceeds 2**31 elements (the output alone is 9 GiB)."""
+    s = Schedule.linear(1000)
+    n = 2**28  # elements per sample; 9 samples -> 2.4e9 elements
+    one = torch.randn(1, 1, n, device="cuda")
+    x = one.expand(9, 1, n)  # batch stride 0: no memory
+    out = torch.full((9, 1, n), float("nan"), device="cuda")
+    t = torch.full((9,), 500, device="cuda")
+    ops.ddpm_step(s, x, t, x, seed=1, out=out)
+    assert torch.isfinite(out[8]).all()
+    want_last = diffusion.ddpm_step(s, one, 500, one, seed=1, sample_offset=8)
+    torch.testing.assert_close(out[8:], want_last, rtol=1e-5, atol=1e-5)
