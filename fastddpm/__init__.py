@@ -11,6 +11,7 @@ from . import diffusion, rng
 from .schedule import Schedule
 from .unet import UNet
 from .sampler import sample
+from .checkpoint import load
 
 __version__ = "0.1.0"
-__all__ = ["Schedule", "UNet", "sample", "diffusion", "rng", "__version__"]
+__all__ = ["Schedule", "UNet", "sample", "load", "diffusion", "rng", "__version__"]

@@ -49,6 +49,8 @@ def _model_params(model):
 
 def _infer_shape(model):
     cfg = getattr(model, "config", None)
+    if getattr(cfg, "sample_shape", None) is not None:
+        return tuple(cfg.sample_shape)
     size = getattr(cfg, "image_size", None) or getattr(cfg, "sample_size", None)
     chans = getattr(cfg, "in_channels", None)
     if isinstance(size, (tuple, list)):

@@ -48,7 +48,8 @@ def test_ddpm_step_matches_ho_formulas(sched, prediction, variance, clip):
     rel_close(got, ho_step64(sched, x, t, mo, z, prediction, variance, clip), 1e-5)
 
 
-@pytest.mark.parametrize("prediction,clip,eta", list(itertools.product(["eps", "x0", "v"], [None, 1.0], [0.0, 0.5, 1.0])))
+@pytest.mark.parametrize("prediction,clip,eta", list(itertools.product(
+    ["eps", "x0", "v"], [None, 1.0], [0.0, 0.5, 1.0])))
 def test_ddim_step_matches_song_eq12(sched, prediction, clip, eta):
     x, mo, z = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
     t = mixed_t(sched, SHAPE[0])

@@ -1,0 +1,118 @@
+"""Checkpoints and model files: safetensors only (nothing is ever unpickled).
+
+A run folder holds
+  checkpoint.safetensors  everything needed to resume: model, EMA, AdamW state, global RNG
+                          state, and (metadata) the step count and the configs
+  model.safetensors       the EMA weights and the configs: what `fastddpm.load` returns
+  log.jsonl               one JSON line per log interval (loss, lr, images/s)
+Each file is written to a temporary name in the same folder, fsync'ed and renamed over
+the old one, so a kill at any moment leaves either the old file or the new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .schedule import Schedule
+
+FORMAT = "fastddpm-v1"
+CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
+
+
+def atomic_save(tensors: dict, path: str, metadata: dict):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"format": FORMAT, **metadata})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read(path: str, device="cpu"):
+    """(tensors, metadata) of a fastddpm safetensors file; a clear error if it is truncated or foreign."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path!r} is truncated or corrupt ({e}); delete it or restore a copy") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is a safetensors file but not a fastddpm checkpoint (format="
+                         f"{meta.get('format')!r}); for diffusers weights use fastddpm.compat.load_diffusers_unet")
+    return tensors, meta
+
+
+def schedule_meta(kind: str, num_timesteps: int) -> str:
+    return json.dumps({"kind": kind, "num_timesteps": num_timesteps})
+
+
+def schedule_from_meta(text: str) -> Schedule:
+    d = json.loads(text)
+    if d["kind"] == "linear":
+        return Schedule.linear(d["num_timesteps"])
+    if d["kind"] == "cosine":
+        return Schedule.cosine(d["num_timesteps"])
+    raise ValueError(f"unknown schedule kind {d['kind']!r} in checkpoint")
+
+
+def build_model(arch: str, config: dict):
+    if arch == "unet":
+        from .unet import UNet
+
+        return UNet(**config)
+    if arch == "mlp":
+        from .mlp import MLPDenoiser
+
+        return MLPDenoiser(**config)
+    raise ValueError(f"unknown model architecture {arch!r} in checkpoint")
+
+
+def save_model(model, path: str, *, arch: str, schedule: str, prediction: str):
+    meta = {"arch": arch, "model_config": json.dumps(model.config_dict()), "schedule": schedule,
+            "prediction": prediction}
+    atomic_save(dict(model.state_dict()), path, meta)
+
+
+def load(path: str, device="cpu"):
+    """The EMA model of a training run (folder) or a model/checkpoint file, in eval mode.
+
+    The model carries `fastddpm_schedule` (its training schedule) and `fastddpm_prediction`,
+    which `fastddpm.sample` uses."""
+    if os.path.isdir(path):
+        for name in (MODEL, CHECKPOINT):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path!r} has neither {MODEL} nor {CHECKPOINT}")
+    tensors, meta = read(path, device)
+    if any(k.startswith("ema.") for k in tensors):  # a training checkpoint: take the EMA weights
+        tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    model = build_model(meta["arch"], json.loads(meta["model_config"]))
+    model.load_state_dict(tensors)
+    model.to(device).eval().requires_grad_(False)
+    model.fastddpm_schedule = schedule_from_meta(meta["schedule"])
+    model.fastddpm_prediction = meta.get("prediction", "eps")
+    return model
+
+
+def shipped_model_path() -> str:
+    from importlib import resources
+
+    return str(resources.files("fastddpm").joinpath("assets/digits-16.safetensors"))

@@ -1,0 +1,232 @@
+"""Training: the DDPM objective (Ho et al. 2020 Algorithm 1).
+
+Each step: x0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps),
+loss = || model(x_t, t) - target ||^2 with target eps, x0 or v (Salimans & Ho 2022).
+AdamW with linear warm-up, gradient clipping, an EMA of the weights, bf16 autocast on
+CUDA, optional torch.compile; q_sample runs as the fused kernel on CUDA (it writes x_t
+and the eps target in one pass).
+
+All randomness of step k (batch indices, t, eps) is a function of (seed, k), and the
+global RNG state is checkpointed, so a resumed run makes exactly the updates the
+uninterrupted run would have made.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks as C
+from . import checkpoint as ckpt
+from . import diffusion, ops
+from .data import load_dataset
+from .schedule import Schedule
+
+__all__ = ["TrainConfig", "train"]
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"            # "digits", "moons", "gaussians" or a folder of images
+    out: str = "runs/digits"
+    model: str = "digits-16"        # a UNet preset, or "mlp" (for 2-D data)
+    model_overrides: dict = field(default_factory=dict)
+    schedule: str = "linear"        # "linear" or "cosine"
+    num_timesteps: int = 1000
+    prediction: str = "eps"         # training target: "eps", "x0" or "v"
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    ckpt_every: int = 500
+    log_every: int = 50
+    device: str | None = None
+    bf16: bool | None = None        # None: on for CUDA
+    compile: bool = False
+    progress: bool = True
+
+    def validate(self):
+        C.one_of(self.schedule, ("linear", "cosine"), "schedule")
+        C.one_of(self.prediction, C.PREDICTIONS, "prediction")
+        for name in ("num_timesteps", "steps", "batch_size", "ckpt_every", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+
+
+def _mix(seed: int, step: int) -> int:
+    """splitmix64 of (seed, step): a 63-bit seed for step `step`'s randomness."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 1
+
+
+def _make_model(cfg: TrainConfig, data: torch.Tensor):
+    if cfg.model == "mlp":
+        from .mlp import MLPDenoiser
+
+        if data.ndim != 2:
+            raise ValueError(f"model='mlp' needs vector data (N, D); got data of shape {tuple(data.shape)}")
+        return "mlp", MLPDenoiser(dim=data.shape[1], **cfg.model_overrides)
+    from .unet import PRESETS, UNet
+
+    if data.ndim != 4 or data.shape[2] != data.shape[3]:
+        raise ValueError(f"a UNet needs square images (N, C, H, H); got data of shape {tuple(data.shape)}; "
+                         "use model='mlp' for vector data")
+    if cfg.model not in PRESETS:
+        raise ValueError(f"model must be 'mlp' or a UNet preset {sorted(PRESETS)}; got {cfg.model!r}")
+    over = {"in_channels": data.shape[1], "image_size": data.shape[2], **cfg.model_overrides}
+    return "unet", UNet.from_preset(cfg.model, **over)
+
+
+def _schedule(cfg):
+    return Schedule.linear(cfg.num_timesteps) if cfg.schedule == "linear" else Schedule.cosine(cfg.num_timesteps)
+
+
+def _save_checkpoint(path, model, ema, opt, step, cfg, arch):
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": str(step), "config": json.dumps(asdict(cfg)), "arch": arch,
+            "model_config": json.dumps(model.config_dict()), "schedule": ckpt.schedule_meta(cfg.schedule,
+                                                                                          cfg.num_timesteps),
+            "prediction": cfg.prediction}
+    ckpt.atomic_save(tensors, path, meta)
+
+
+def _load_checkpoint(path, model, ema, opt, device):
+    tensors, meta = ckpt.read(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = {k.split(".", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if st:
+            if "step" in st:
+                st["step"] = st["step"].cpu()
+            opt.state[p] = st
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"])
+
+
+def _truncate_log(path, step):
+    """Drop log lines written after the checkpoint we resume from (the killed run's tail)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) -> str:
+    """Train a model; returns the run folder. See TrainConfig for the options."""
+    cfg = cfg or TrainConfig()
+    cfg = TrainConfig(**{**asdict(cfg), **overrides})
+    cfg.validate()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    os.makedirs(cfg.out, exist_ok=True)
+    ck_path = os.path.join(cfg.out, ckpt.CHECKPOINT)
+    if os.path.exists(ck_path) and not resume:
+        raise FileExistsError(f"{cfg.out!r} already holds a checkpoint: pass resume=True (--resume) to continue it, "
+                              "or choose another out folder")
+
+    data = load_dataset(cfg.data, seed=cfg.seed).to(device)
+    torch.manual_seed(cfg.seed)
+    arch, model = _make_model(cfg, data)
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    s = _schedule(cfg)
+    step = 0
+    if resume and os.path.exists(ck_path):
+        step = _load_checkpoint(ck_path, model, ema, opt, device)
+        _truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
+    fwd = torch.compile(model) if cfg.compile else model
+    fused_q = ops.backend_for(data) == "triton"
+    model.train()
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step")
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a")
+    loss_sum = torch.zeros((), device=device)
+    n_in_window, t_window = 0, time.perf_counter()
+    try:
+        while step < cfg.steps:
+            g = torch.Generator().manual_seed(_mix(cfg.seed, step))
+            idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=g).to(device)
+            t = torch.randint(0, s.num_steps, (cfg.batch_size,), generator=g).to(device)
+            x0 = data[idx]
+            noise_seed = _mix(cfg.seed + 1, step)
+            if fused_q:
+                x_t, eps = ops.q_sample(s, x0, t, seed=noise_seed)
+            else:
+                x_t, eps = diffusion.q_sample(s, x0, t, seed=noise_seed)
+            target = diffusion.training_target(s, x0, t, eps, cfg.prediction)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                pred = fwd(x_t, t)
+            loss = F.mse_loss(pred.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+            step += 1
+            loss_sum += loss.detach()
+            n_in_window += 1
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = loss_sum.item() / n_in_window  # one sync per log interval
+                dt = time.perf_counter() - t_window
+                rec = {"step": step, "loss": mean_loss, "lr": opt.param_groups[0]["lr"],
+                       "images_per_s": n_in_window * cfg.batch_size / max(dt, 1e-9)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training loss became {mean_loss} by step {step}; lower lr= "
+                                             "or check the data (values should be in [-1, 1])")
+                loss_sum.zero_()
+                n_in_window, t_window = 0, time.perf_counter()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                _save_checkpoint(ck_path, model, ema, opt, step, cfg, arch)
+    finally:
+        log.close()
+        if bar is not None:
+            bar.close()
+    ckpt.save_model(ema, os.path.join(cfg.out, ckpt.MODEL), arch=arch,
+                    schedule=ckpt.schedule_meta(cfg.schedule, cfg.num_timesteps), prediction=cfg.prediction)
+    return cfg.out
