@@ -57,3 +57,21 @@ def rotations(bytes_per_set):
     return max(1, min(16, int(2 * 50e6 // max(bytes_per_set, 1)) + 1))
 
 
+
+
+def median_seconds(fn, reps=None, warmup=2):
+    """Median wall time of fn() (synchronised), for figures beside the pytest-benchmark one."""
+    import statistics
+    import time
+
+    reps = reps or (20 if CUDA else 3)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

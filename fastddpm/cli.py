@@ -13,7 +13,9 @@ from . import _checks as C
 
 
 def _add_sampling_args(p, steps_default):
-    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("-n", "--n", "--num-samples", dest="n", type=int, default=64,
+                   help="number of images (default 64); under torchrun write -n or --num-samples: torchrun reads "
+                        "--n as an abbreviation of its own --nnodes")
     p.add_argument("--seed", type=int, default=0, help="noise seed; sample i is the same image for any batch size")
     p.add_argument("--steps", type=int, default=steps_default,
                    help=f"respace the training schedule to this many steps (default {steps_default}; "
@@ -45,14 +47,33 @@ def _sample(model, a, backend=None, progress=True):
 
 
 def cmd_sample(a):
-    from .images import save_samples
+    """One process, or one rank of `torchrun -m fastddpm sample`: shards, then rank 0 assembles."""
+    from .distributed import init_process_group, sample_to_folder
 
-    model = _load(a.checkpoint, _device(a.device))
+    rank, world, device = init_process_group()
+    if a.device is not None:
+        device = _device(a.device)
+    model = _load(a.checkpoint, device)
+    manifest = {"checkpoint": os.path.abspath(a.checkpoint) if a.checkpoint else "shipped digits model",
+                "seed": a.seed, "steps": a.steps, "method": a.method, "eta": a.eta, "variance": a.variance}
     t0 = time.perf_counter()
-    x = _sample(model, a, progress=not a.no_progress)
-    dt = time.perf_counter() - t0
-    npz, png = save_samples(x, a.out)
-    print(f"wrote {a.n} samples to {npz} (uint8 NHWC, key arr_0) and {png} in {dt:.1f} s")
+    try:
+        out = sample_to_folder(model, a.n, a.out, shard_size=a.shard_size, rank=rank, world=world, manifest=manifest,
+                               progress=not a.no_progress, steps=a.steps or None, method=a.method, eta=a.eta,
+                               variance=a.variance, seed=a.seed, batch_size=a.batch_size, backend=a.backend,
+                               prediction=getattr(model, "fastddpm_prediction", "eps"))
+    finally:
+        _leave_process_group()
+    if rank == 0:
+        print(f"wrote {a.n} samples to {out} (uint8 NHWC, key arr_0) and {os.path.join(a.out, 'grid.png')} "
+              f"in {time.perf_counter() - t0:.1f} s with {world} process(es)")
+
+
+def _leave_process_group():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_demo(a):
@@ -93,8 +114,12 @@ def cmd_train(a):
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay, seed=a.seed,
                       ckpt_every=a.ckpt_every, log_every=a.log_every, device=a.device, compile=a.compile,
                       progress=not a.no_progress, warmup=a.warmup)
-    out = train(cfg, resume=a.resume)
-    print(f"trained to step {a.steps}: {os.path.join(out, 'model.safetensors')} (sample it with "
+    try:
+        out = train(cfg, resume=a.resume)
+    finally:
+        _leave_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"trained to step {a.steps}: {os.path.join(out, 'model.safetensors')} (sample it with "
           f"`fastddpm sample --checkpoint {out} --n 64 --out DIR`)")
 
 
@@ -138,6 +163,8 @@ def build_parser():
     s.add_argument("--checkpoint", default=None, help="run folder or .safetensors file (default: shipped model)")
     s.add_argument("--out", required=True, help="output folder: samples.npz and grid.png")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--shard-size", type=int, default=256,
+                   help="samples per shard file (default 256); a restarted run skips finished shards")
     _add_sampling_args(s, steps_default=50)
     s.set_defaults(func=cmd_sample)
 

@@ -98,6 +98,24 @@ def _resolve_device_dtype(model, device, dtype):
     return device, model_dtype, autocast
 
 
+def _check_consistent(model, s, method, prediction, variance, clip):
+    """Refuse arguments that contradict what the model was trained with or what the diffusers
+    scheduler the schedule came from is configured to do: never a silent difference."""
+    trained = getattr(model, "fastddpm_prediction", None)
+    if trained is not None and trained != prediction:
+        raise ValueError(f"prediction={prediction!r} but this model was trained to predict {trained!r}; "
+                         f"pass prediction={trained!r}")
+    src = s.source_options
+    if not src:
+        return
+    given = {"prediction": prediction, "clip": clip, "variance": variance}
+    for key in ("prediction", "clip") + (("variance",) if method == "ddpm" and "variance" in src else ()):
+        if given[key] != src[key]:
+            raise ValueError(f"{key}={given[key]!r} contradicts the diffusers scheduler this schedule came from "
+                             f"({key} {src[key]!r} in fastddpm's terms); pass {key}={src[key]!r}, or pass "
+                             "**fastddpm.compat.sample_kwargs(scheduler)")
+
+
 def resolve_backend(backend, device):
     """'auto' -> the fastest backend that works on `device`: fused Triton steps on CUDA
     (when Triton imports), the reference loop elsewhere."""
@@ -116,7 +134,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
            method: str = "ddpm", eta: float = 0.0, prediction: str = "eps", variance: str = "fixed_small",
            clip: float | None = 1.0, seed: int | None = 0, generator: torch.Generator | None = None,
            batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, sample_offset: int = 0) -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
 
     model: callable model(x (B, C, H, W), t LongTensor (B,) of ORIGINAL training timesteps)
@@ -129,7 +147,11 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     batch_size: images per model call (default min(n, 256)).
     dtype: precision of the model call (autocast when the model's weights are float32);
         the sampler state and step math stay float32.
-    backend: "reference" (plain PyTorch), "auto" (the fastest that works here).
+    backend: "reference" (plain PyTorch), "fused" (Triton step kernels), "auto" (the fastest
+        that works here).
+    sample_offset: seed mode only: return samples sample_offset .. sample_offset + n - 1 of
+        the seed's stream (sample i is the same image in any call), e.g. a shard of a
+        distributed run (see fastddpm.distributed).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive int; got {n!r}")
@@ -144,16 +166,22 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         raise ValueError("variance='learned_range' applies to method='ddpm' only; DDIM's variance is set by eta")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+    C.check_sample_offset(sample_offset)
     if generator is None:
         if seed is None:
             raise ValueError("pass seed=<int> or generator=<torch.Generator>")
         rng.check_seed(seed)
+        if sample_offset + n > 2**32:
+            raise ValueError(f"sample_offset + n must not exceed 2**32; got {sample_offset} + {n}")
+    elif sample_offset:
+        raise ValueError("sample_offset applies to seed= noise only: generator= draws depend on the batch order")
     if batch_size is None:
         batch_size = min(n, 256)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     shape = _resolve_shape(model, shape)
     s = _resolve_schedule(model, schedule, steps)
+    _check_consistent(model, s, method, prediction, variance, clip)
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
     backend = resolve_backend(backend, device)
 
@@ -167,8 +195,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     try:
         for start in range(0, n, batch_size):
             B = min(batch_size, n - start)
-            out[start:start + B] = _sample_batch(model, s, (B, *shape), start, seed, generator, device,
-                                                 model_dtype, autocast, opts, bar, backend)
+            out[start:start + B] = _sample_batch(model, s, (B, *shape), sample_offset + start, seed, generator,
+                                                 device, model_dtype, autocast, opts, bar, backend)
     finally:
         if bar is not None:
             bar.close()

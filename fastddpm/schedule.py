@@ -113,6 +113,8 @@ class Schedule:
         self.posterior_mean_coef2 = one_m_prev * self.alphas.sqrt() / one_m
         self._tables: dict = {}
         self._ddim: dict = {}
+        # sampler options of the diffusers scheduler this came from (fastddpm.compat), else None
+        self.source_options: dict | None = None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -171,7 +173,9 @@ class Schedule:
             raise ValueError(f"indices must be non-empty and within 0..{self.num_steps - 1}")
         if (idx[1:] <= idx[:-1]).any():
             raise ValueError("indices must be strictly ascending")
-        return Schedule(self.alphas_cumprod[idx], self.timesteps[idx], self.num_train_timesteps)
+        sub = Schedule(self.alphas_cumprod[idx], self.timesteps[idx], self.num_train_timesteps)
+        sub.source_options = self.source_options
+        return sub
 
     # ------------------------------------------------------------------ device tables
     def table(self, device) -> torch.Tensor:

@@ -9,6 +9,12 @@ and the eps target in one pass).
 All randomness of step k (batch indices, t, eps) is a function of (seed, k), and the
 global RNG state is checkpointed, so a resumed run makes exactly the updates the
 uninterrupted run would have made.
+
+Under torchrun (K processes) the model is wrapped in DistributedDataParallel: every rank
+draws the same global batch of indices and t and keeps its contiguous slice, and its noise
+is keyed by the global sample index, so K processes make exactly the update one process
+makes on the same global batch (batch_size must divide by K), and a run resumes on any K.
+Only rank 0 writes checkpoints and logs.
 """
 from __future__ import annotations
 
@@ -26,9 +32,10 @@ from . import _checks as C
 from . import checkpoint as ckpt
 from . import diffusion, ops
 from .data import load_dataset
+from .distributed import barrier, init_process_group
 from .schedule import Schedule
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "train", "diffusion_loss"]
 
 
 @dataclass
@@ -129,6 +136,19 @@ def _load_checkpoint(path, model, ema, opt, device):
     return int(meta["step"])
 
 
+def diffusion_loss(fwd, s: Schedule, x0: torch.Tensor, t: torch.Tensor, *, noise_seed: int, sample_offset: int = 0,
+                   prediction: str = "eps", bf16: bool = False, fused: bool = False) -> torch.Tensor:
+    """Ho et al. Algorithm 1 for one batch: x_t = q_sample(x0, t, eps) with stream noise, then
+    the MSE between fwd(x_t, t) and the target (eps, x0 or v). fused=True uses the Triton
+    q_sample (one pass writes x_t and eps); bf16 runs the model under autocast."""
+    q = ops.q_sample if fused else diffusion.q_sample
+    x_t, eps = q(s, x0, t, seed=noise_seed, sample_offset=sample_offset)
+    target = diffusion.training_target(s, x0, t, eps, prediction)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        pred = fwd(x_t, t)
+    return F.mse_loss(pred.float(), target)
+
+
 def _truncate_log(path, step):
     """Drop log lines written after the checkpoint we resume from (the killed run's tail)."""
     if not os.path.exists(path):
@@ -146,13 +166,21 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
     cfg = cfg or TrainConfig()
     cfg = TrainConfig(**{**asdict(cfg), **overrides})
     cfg.validate()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = init_process_group()
+    if cfg.device is not None:
+        device = torch.device(cfg.device)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+    local_b = cfg.batch_size // world
+    lo = rank * local_b  # this rank's slice of the global batch
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-    os.makedirs(cfg.out, exist_ok=True)
     ck_path = os.path.join(cfg.out, ckpt.CHECKPOINT)
     if os.path.exists(ck_path) and not resume:
         raise FileExistsError(f"{cfg.out!r} already holds a checkpoint: pass resume=True (--resume) to continue it, "
                               "or choose another out folder")
+    barrier()
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
 
     data = load_dataset(cfg.data, seed=cfg.seed).to(device)
     torch.manual_seed(cfg.seed)
@@ -164,34 +192,33 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
     step = 0
     if resume and os.path.exists(ck_path):
         step = _load_checkpoint(ck_path, model, ema, opt, device)
-        _truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
-    fwd = torch.compile(model) if cfg.compile else model
+        if rank == 0:
+            _truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
+    fwd = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     fused_q = ops.backend_for(data) == "triton"
     model.train()
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step")
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a")
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     loss_sum = torch.zeros((), device=device)
     n_in_window, t_window = 0, time.perf_counter()
     try:
         while step < cfg.steps:
             g = torch.Generator().manual_seed(_mix(cfg.seed, step))
-            idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=g).to(device)
-            t = torch.randint(0, s.num_steps, (cfg.batch_size,), generator=g).to(device)
+            idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=g)[lo:lo + local_b].to(device)
+            t = torch.randint(0, s.num_steps, (cfg.batch_size,), generator=g)[lo:lo + local_b].to(device)
             x0 = data[idx]
-            noise_seed = _mix(cfg.seed + 1, step)
-            if fused_q:
-                x_t, eps = ops.q_sample(s, x0, t, seed=noise_seed)
-            else:
-                x_t, eps = diffusion.q_sample(s, x0, t, seed=noise_seed)
-            target = diffusion.training_target(s, x0, t, eps, cfg.prediction)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = fwd(x_t, t)
-            loss = F.mse_loss(pred.float(), target)
+            loss = diffusion_loss(fwd, s, x0, t, noise_seed=_mix(cfg.seed + 1, step), sample_offset=lo,
+                                  prediction=cfg.prediction, bf16=bf16, fused=fused_q)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -208,12 +235,16 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
             if bar is not None:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
+                if world > 1:
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= world
                 mean_loss = loss_sum.item() / n_in_window  # one sync per log interval
                 dt = time.perf_counter() - t_window
                 rec = {"step": step, "loss": mean_loss, "lr": opt.param_groups[0]["lr"],
                        "images_per_s": n_in_window * cfg.batch_size / max(dt, 1e-9)}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
                 if not math.isfinite(mean_loss):
@@ -221,12 +252,15 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
                                              "or check the data (values should be in [-1, 1])")
                 loss_sum.zero_()
                 n_in_window, t_window = 0, time.perf_counter()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if (step % cfg.ckpt_every == 0 or step == cfg.steps) and rank == 0:
                 _save_checkpoint(ck_path, model, ema, opt, step, cfg, arch)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         if bar is not None:
             bar.close()
-    ckpt.save_model(ema, os.path.join(cfg.out, ckpt.MODEL), arch=arch,
-                    schedule=ckpt.schedule_meta(cfg.schedule, cfg.num_timesteps), prediction=cfg.prediction)
+    if rank == 0:
+        ckpt.save_model(ema, os.path.join(cfg.out, ckpt.MODEL), arch=arch,
+                        schedule=ckpt.schedule_meta(cfg.schedule, cfg.num_timesteps), prediction=cfg.prediction)
+    barrier()
     return cfg.out

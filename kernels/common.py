@@ -47,13 +47,16 @@ def box_muller(wa, wb):
 
 @triton.jit
 def stream_normal4(q, sample, tag, seed_lo, seed_hi):
-    """The 4 normals of stream counters q (int64 tensor): elements 4q .. 4q+3 of `sample`."""
+    """The 4 normals of stream counters q (int64 tensor): elements 4q .. 4q+3 of `sample`.
+
+    Scalars go through tl.to_tensor: a kernel argument equal to 1 is specialised into a
+    constexpr by Triton's JIT, and a constexpr has no .to() (triton-lang/triton#2939)."""
     c0 = (q & 0xFFFFFFFF).to(tl.uint32)
     c1 = (q >> 32).to(tl.uint32)
-    c2 = tl.zeros_like(c0) + sample.to(tl.uint32)
-    c3 = tl.zeros_like(c0) + tag.to(tl.uint32)
-    k0 = seed_lo.to(tl.uint32)
-    k1 = seed_hi.to(tl.uint32)
+    c2 = tl.zeros_like(c0) + tl.to_tensor(sample).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + tl.to_tensor(tag).to(tl.uint32)
+    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
+    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
     w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
     z0, z1 = box_muller(w0, w1)
     z2, z3 = box_muller(w2, w3)

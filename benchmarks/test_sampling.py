@@ -1,0 +1,107 @@
+"""Sampling: ms/step and images/s per backend and per peer, on the same model in the same run.
+
+Peers: a plain diffusers DDPMScheduler loop over the same model, and (GPU) torch.compile
+(mode="reduce-overhead") of the model with diffusers' step. The sampler overhead is the
+step time minus the model's own forward time at the same batch.
+GPU: fastddpm's ddpm-cifar10 preset and a diffusers UNet2DModel of the same architecture,
+batch 1, 16, 128. CPU: the tiny preset, batch 1 and 4, so the suite runs in CI.
+"""
+import pytest
+import torch
+
+import fastddpm
+from harness import CUDA, DEVICE, median_seconds, run_rounds
+
+BATCHES = [1, 16, 128] if CUDA else [1, 4]
+STEPS = 20 if CUDA else 3
+BACKENDS = ["reference", "fused", "graph"]
+
+
+def build(model_name):
+    if model_name == "fastddpm-unet":
+        m = fastddpm.UNet.from_preset("ddpm-cifar10" if CUDA else "tiny")
+    else:
+        diffusers = pytest.importorskip("diffusers")
+        if CUDA:
+            m = diffusers.UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                                      block_out_channels=(128, 256, 256, 256),
+                                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                                      up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+        else:
+            m = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                      block_out_channels=(32, 64), norm_num_groups=8,
+                                      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                      up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    return m.to(DEVICE).eval()
+
+
+_MODELS = {}
+_FORWARD = {}
+
+
+def forward_seconds(name, model, batch):
+    if (name, batch) not in _FORWARD:
+        x = torch.randn((batch, *shape_of(model)), device=DEVICE)
+        t = torch.full((batch,), 500, device=DEVICE)
+        with torch.no_grad():
+            _FORWARD[name, batch] = median_seconds(lambda: model(x, t))
+    return _FORWARD[name, batch]
+
+
+def model_for(name):
+    if name not in _MODELS:
+        _MODELS[name] = build(name)
+    return _MODELS[name]
+
+
+def shape_of(m):
+    cfg = m.config
+    size = getattr(cfg, "image_size", None) or cfg.sample_size
+    return (cfg.in_channels, size, size)
+
+
+def diffusers_loop(model, batch, steps, compiled=None):
+    import diffusers
+
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(steps)
+    fwd = compiled or model
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def loop():
+        x = torch.randn((batch, *shape_of(model)), device=DEVICE, generator=gen)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                out = fwd(x, t.to(DEVICE).expand(batch))
+                out = out.sample if hasattr(out, "sample") else out
+                x = sched.step(out, t, x, generator=gen).prev_sample
+        return x
+
+    return loop
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("model_name", ["fastddpm-unet", "diffusers-unet2d"])
+@pytest.mark.parametrize("contender", BACKENDS + ["diffusers_loop", "compile_reduce_overhead+diffusers"])
+def test_sampling(benchmark, record, model_name, batch, contender):
+    model = model_for(model_name)
+    shape = shape_of(model)
+    if contender == "graph":
+        pytest.skip("backend='graph' is not built yet (CUDA-graph captured loop)")
+    if contender == "compile_reduce_overhead+diffusers":
+        if not CUDA:
+            pytest.skip("torch.compile(reduce-overhead) is a GPU peer")
+        pytest.importorskip("diffusers")
+        fn = diffusers_loop(model, batch, STEPS, torch.compile(model, mode="reduce-overhead"))
+    elif contender == "diffusers_loop":
+        pytest.importorskip("diffusers")
+        fn = diffusers_loop(model, batch, STEPS)
+    else:
+        fn = lambda: fastddpm.sample(model, batch, shape=shape, steps=STEPS, backend=contender, seed=0)  # noqa: E731
+    sec = run_rounds(benchmark, [fn], calls_per_round=1, rounds=5 if CUDA else 2)
+    ms_step = 1e3 * sec / STEPS
+    figs = dict(ms_per_step=ms_step, images_per_s=batch / sec, steps=STEPS)
+    if contender in BACKENDS:  # the sampler's overhead over the model's own forward at this batch
+        fwd_ms = 1e3 * forward_seconds(model_name, model, batch)
+        figs.update(model_ms=fwd_ms, overhead_ms=ms_step - fwd_ms)
+    record(f"sample {model_name} b{batch}", contender, sec, baseline=contender == "diffusers_loop", **figs)

@@ -1,0 +1,130 @@
+"""torchrun on the CPU (gloo): sharded sampling equals one process, a killed run completes
+its set, and two-process training makes the one-process update."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fastddpm
+from fastddpm import checkpoint as ck
+from fastddpm.train import TrainConfig, train
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def fastddpm_cmd(args, nproc=None):
+    if nproc is None:
+        return [sys.executable, "-m", "fastddpm", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "fastddpm", *args]
+
+
+def run(args, nproc=None, timeout=300):
+    r = subprocess.run(fastddpm_cmd(args, nproc), capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ck") / "tiny.safetensors")
+    torch.manual_seed(0)
+    unet = fastddpm.UNet.from_preset("tiny", ch=16, norm_groups=8, image_size=8)
+    ck.save_model(unet, path, arch="unet", schedule=ck.schedule_meta("linear", 1000), prediction="eps")
+    return path
+
+
+def load_npz(path):
+    with np.load(path) as f:
+        return f["arr_0"]
+
+
+def sample_args(ckpt, out, **kw):
+    args = {"--checkpoint": ckpt, "--num-samples": "10", "--out": str(out), "--steps": "6", "--seed": "3",
+            "--shard-size": "3", "--no-progress": None}
+    args.update(kw)
+    return ["sample"] + [x for k, v in args.items() for x in ((k,) if v is None else (k, v))]
+
+
+def test_sharded_sampling_equals_one_process(tiny_checkpoint, tmp_path):
+    run(sample_args(tiny_checkpoint, tmp_path / "one"))
+    run(sample_args(tiny_checkpoint, tmp_path / "two"), nproc=2)
+    one, two = load_npz(tmp_path / "one/samples.npz"), load_npz(tmp_path / "two/samples.npz")
+    assert one.shape == (10, 8, 8, 3) and one.dtype == np.uint8
+    np.testing.assert_array_equal(one, two)
+    index = json.load(open(tmp_path / "two/shards/index.json"))
+    assert [(s["start"], s["stop"]) for s in index["shards"]] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert (tmp_path / "two/grid.png").exists()
+    # the library keyword does the same from a user's own code
+    model = fastddpm.load(tiny_checkpoint)
+    full = fastddpm.sample(model, 10, steps=6, method="ddim", seed=3, batch_size=3)
+    part = fastddpm.sample(model, 4, steps=6, method="ddim", seed=3, batch_size=3, sample_offset=3)
+    torch.testing.assert_close(part[:3], full[3:6], rtol=0, atol=0)
+
+
+def test_killed_run_completes_the_set(tiny_checkpoint, tmp_path):
+    run(sample_args(tiny_checkpoint, tmp_path / "ref", **{"--shard-size": "1"}))
+    out = tmp_path / "killed"
+    args = sample_args(tiny_checkpoint, out, **{"--shard-size": "1", "--steps": "40"})
+    proc = subprocess.Popen(fastddpm_cmd(args, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            start_new_session=True)
+    shards = out / "shards"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if shards.exists() and len([f for f in os.listdir(shards) if f.startswith("shard-")]) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(f for f in os.listdir(shards) if f.startswith("shard-"))
+    assert 2 <= len(done) < 10, done
+    assert not (out / "samples.npz").exists()
+    mtimes = {f: os.path.getmtime(shards / f) for f in done}
+    run(args, nproc=2)
+    assert all(os.path.getmtime(shards / f) == m for f, m in mtimes.items())  # finished shards were skipped
+    got = load_npz(out / "samples.npz")
+    assert got.shape[0] == 10 and not [f for f in os.listdir(shards) if f.startswith(".tmp")]
+    ref_args = sample_args(tiny_checkpoint, tmp_path / "ref40", **{"--shard-size": "1", "--steps": "40"})
+    run(ref_args)
+    np.testing.assert_array_equal(got, load_npz(tmp_path / "ref40/samples.npz"))
+
+
+def test_restart_with_other_arguments_is_refused(tiny_checkpoint, tmp_path):
+    run(sample_args(tiny_checkpoint, tmp_path / "r"))
+    r = subprocess.run(fastddpm_cmd(sample_args(tiny_checkpoint, tmp_path / "r", **{"--seed": "4"})),
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2 and "other arguments" in r.stderr and "seed" in r.stderr
+
+
+def test_two_process_training_makes_the_one_process_update(tmp_path):
+    common = ["--data", "moons", "--batch-size", "64", "--lr", "1e-3", "--warmup", "1", "--ckpt-every", "2",
+              "--log-every", "1", "--no-progress"]
+    run(["train", "--out", str(tmp_path / "two"), "--steps", "3", *common], nproc=2)
+    train(TrainConfig(data="moons", out=str(tmp_path / "one"), model="mlp", steps=3, batch_size=64, lr=1e-3,
+                      warmup=1, ckpt_every=2, log_every=1, progress=False))
+    a, _ = ck.read(str(tmp_path / "one/checkpoint.safetensors"))
+    b, meta = ck.read(str(tmp_path / "two/checkpoint.safetensors"))
+    assert meta["step"] == "3"
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # resume the two-process run on one process: the same as six steps on one process
+    run(["train", "--out", str(tmp_path / "two"), "--steps", "6", "--resume", *common])
+    train(TrainConfig(data="moons", out=str(tmp_path / "one"), model="mlp", steps=6, batch_size=64, lr=1e-3,
+                      warmup=1, ckpt_every=2, log_every=1, progress=False), resume=True)
+    a, _ = ck.read(str(tmp_path / "one/checkpoint.safetensors"))
+    b, meta = ck.read(str(tmp_path / "two/checkpoint.safetensors"))
+    assert meta["step"] == "6"
+    for k in a:
+        if k.startswith("model."):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+    log = [json.loads(ln)["step"] for ln in open(tmp_path / "two/log.jsonl")]
+    assert log == [1, 2, 3, 4, 5, 6]
