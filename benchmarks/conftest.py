@@ -12,7 +12,7 @@ from harness import BASELINES, CUDA, DEVICE, RECORDS, device_name, sync
 @pytest.fixture
 def record(benchmark):
     def _record(group, name, seconds, baseline=False, **figures):
-        rec = {"group": group, "name": name, "us_per_call": seconds * 1e6, **figures}
+        rec = {"group": group, "name": name, "us_per_call": seconds * 1e6, "baseline": bool(baseline), **figures}
         RECORDS.append(rec)
         if baseline:
             BASELINES[group] = seconds
@@ -67,7 +67,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         base = BASELINES.get(r["group"])
         ratio = f"{base / (r['us_per_call'] / 1e6):7.2f}x" if base else "       "
         figs = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                         if k not in ("group", "name", "us_per_call"))
+                         if k not in ("group", "name", "us_per_call", "baseline"))
         tr.write_line(f"{r['group']:<34} {r['name']:<28} {r['us_per_call']:11.1f} {ratio}  {figs}")
     path = getattr(config, "_fastddpm_json", None)
     if path:
