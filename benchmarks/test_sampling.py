@@ -87,7 +87,10 @@ def test_sampling(benchmark, record, model_name, batch, contender):
     model = model_for(model_name)
     shape = shape_of(model)
     if contender == "graph":
-        pytest.skip("backend='graph' is not built yet (CUDA-graph captured loop)")
+        try:
+            fastddpm.sampler.resolve_backend("graph", DEVICE)
+        except NotImplementedError as e:
+            pytest.skip(str(e))
     if contender == "compile_reduce_overhead+diffusers":
         if not CUDA:
             pytest.skip("torch.compile(reduce-overhead) is a GPU peer")

@@ -7,11 +7,11 @@
 Modules: `schedule` (noise schedules), `diffusion` (reference math), `ops` (fused Triton
 ops with the same signatures), `rng` (the counter-based noise stream), `unet`, `sampler`.
 """
-from . import diffusion, rng
+from . import compat, diffusion, ops, rng
 from .schedule import Schedule
 from .unet import UNet
 from .sampler import sample
 from .checkpoint import load
 
 __version__ = "0.1.0"
-__all__ = ["Schedule", "UNet", "sample", "load", "diffusion", "rng", "__version__"]
+__all__ = ["Schedule", "UNet", "sample", "load", "compat", "diffusion", "ops", "rng", "__version__"]

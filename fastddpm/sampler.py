@@ -17,7 +17,6 @@ flag holding the first bad step, read once per batch.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
@@ -146,7 +145,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     seed / generator: noise source (see module docstring); generator takes precedence.
     batch_size: images per model call (default min(n, 256)).
     dtype: precision of the model call (autocast when the model's weights are float32);
-        the sampler state and step math stay float32.
+        the sampler state and step math stay float32. An nn.Module runs in eval mode (no
+        dropout) during the call and gets its train/eval mode back afterwards.
     backend: "reference" (plain PyTorch), "fused" (Triton step kernels), "auto" (the fastest
         that works here).
     sample_offset: seed mode only: return samples sample_offset .. sample_offset + n - 1 of
@@ -192,12 +192,17 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
 
         bar = tqdm(total=math.ceil(n / batch_size) * s.num_steps, desc=f"sampling ({backend})", unit="step")
     opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip)
+    was_training = isinstance(model, nn.Module) and model.training
+    if was_training:
+        model.eval()  # no dropout while sampling; the caller's mode is restored below
     try:
         for start in range(0, n, batch_size):
             B = min(batch_size, n - start)
             out[start:start + B] = _sample_batch(model, s, (B, *shape), sample_offset + start, seed, generator,
                                                  device, model_dtype, autocast, opts, bar, backend)
     finally:
+        if was_training:
+            model.train()
         if bar is not None:
             bar.close()
     return out
@@ -253,6 +258,10 @@ def _sample_batch(model, s, shape, start, seed, generator, device, model_dtype, 
             raise
         if first:
             _check_output(mo, x, variance)
+            if backend == "fused" and x.ndim == 4 and mo.ndim == 4 and \
+                    not mo.is_contiguous() and mo.is_contiguous(memory_format=torch.channels_last):
+                # keep the state in the model's layout, so the step kernel never copies the output
+                x = x.contiguous(memory_format=torch.channels_last)
         noise, kw = None, {}
         if generator is not None:
             if draws and i > 0:
@@ -280,8 +289,3 @@ def _raise_if_bad(first_bad, s, start):
             f"non-finite values appeared in the sampler state at step {i} (timestep {int(s.timesteps[i])}) "
             f"in the batch starting at sample {start}: check the model's output and dtype")
 
-
-def _warn_once(msg, _seen=set()):  # noqa: B006 - deliberate module-level memo
-    if msg not in _seen:
-        _seen.add(msg)
-        warnings.warn(msg, stacklevel=3)

@@ -221,3 +221,19 @@ def test_backend_selection():
     assert resolve_backend("fused", torch.device("cpu")) == "fused"
     with pytest.raises(NotImplementedError, match="graph"):
         resolve_backend("graph", torch.device("cpu"))
+
+
+def test_dropout_is_off_while_sampling_and_mode_is_restored():
+    m = fastddpm.UNet.from_preset("tiny", dropout=0.5)
+    assert m.training
+    a = fastddpm.sample(m, 2, steps=3, seed=1)
+    b = fastddpm.sample(m, 2, steps=3, seed=1)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # dropout would make these differ
+    assert m.training
+
+
+def test_fused_loop_follows_a_channels_last_model():
+    m = fastddpm.UNet.from_preset("tiny").eval().to(memory_format=torch.channels_last)
+    ref = fastddpm.sample(m, 3, steps=4, seed=2, backend="reference")
+    got = fastddpm.sample(m, 3, steps=4, seed=2, backend="fused")
+    assert (got - ref).norm() / ref.norm() < 1e-5
