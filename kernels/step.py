@@ -21,7 +21,8 @@ import triton.language as tl
 
 from fastddpm.schedule import ROW
 
-from .common import block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, split_seed, to_layout
+from .common import (block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, sample_layout, split_seed,
+                     to_layout)
 
 PRED = {"eps": 0, "x0": 1, "v": 2}
 VAR = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
@@ -117,7 +118,8 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
         mo, v = model_output[:, :C], model_output[:, C:]
     mo, v = to_layout(mo, layout), to_layout(v, layout)
     z = to_layout(noise, layout) if noise is not None else x_t
-    if out is None:
+    user_out = out
+    if out is None or sample_layout(out) != layout:  # the kernel writes in the layout it walks
         out = torch.empty_like(x_t, dtype=torch.float32)
     x0 = torch.empty_like(out) if return_x0 else out
     tab = s.table(dev)
@@ -146,4 +148,6 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
         PER_SAMPLE_T=per_sample, WRITE_X0=return_x0, LAYOUT_CL=layout == "cl", BLOCK=block,
         num_warps=warps,
     )
+    if user_out is not None and user_out is not out:
+        out = user_out.copy_(out)
     return (out, x0) if return_x0 else out

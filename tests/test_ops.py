@@ -242,3 +242,36 @@ def test_int64_offsets_beyond_2_31_elements():
     assert torch.isfinite(out[8]).all()
     want_last = diffusion.ddpm_step(s, one, 500, one, seed=1, sample_offset=8)
     torch.testing.assert_close(out[8:], want_last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_large_samples_take_the_long_block_path(sched, layout):
+    """Samples above 8192 elements launch 4096-element blocks (kernels/common.py launch_config);
+    3 x 61 x 67 = 12261 elements: three blocks, the last one partial."""
+    from fastddpm.kernels.common import launch_config
+
+    shape = (2, 3, 61, 67)
+    assert launch_config(3 * 61 * 67)[0] == 4096
+    x, mo = torch.randn(shape, device=dev()), torch.randn(shape, device=dev())
+    if layout == "channels_last":
+        x, mo = x.contiguous(memory_format=torch.channels_last), mo.contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([0, 77], device=dev())
+    close(ops.ddpm_step(sched, x, t, mo, seed=4, out=poisoned(shape).contiguous(memory_format=torch.channels_last)
+                        if layout == "channels_last" else poisoned(shape)),
+          diffusion.ddpm_step(sched, x, t, mo, seed=4), 1e-5)
+    got, z = ops.q_sample(sched, x, t, seed=6)
+    want, zw = diffusion.q_sample(sched, x, t, seed=6)
+    close(got, want, 1e-6)
+    close(z, zw, 1e-6)
+
+
+def test_out_in_another_layout_than_x(sched):
+    shape = (2, 3, 5, 7)
+    x, mo = torch.randn(shape, device=dev()), torch.randn(shape, device=dev())
+    want = diffusion.ddpm_step(sched, x, 9, mo, seed=1)
+    for xx, out in ((x, poisoned(shape).contiguous(memory_format=torch.channels_last)),
+                    (x.contiguous(memory_format=torch.channels_last), poisoned(shape)),
+                    (x, poisoned((2, 3, 7, 5)).transpose(2, 3))):
+        got = ops.ddpm_step(sched, xx, 9, mo, seed=1, out=out)
+        assert got is out
+        close(out, want, 1e-5)
