@@ -82,6 +82,20 @@ def block_noise(pid, sample, tag, seed_lo, seed_hi, i, C, HW,
 
 
 @triton.jit
+def program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T: tl.constexpr, BLOCK: tl.constexpr):
+    """(b, pid, t, i, mask) of a program in the (sample, block) grid: sample b (int64), block pid,
+    its step index t (read per sample, or the scalar), iteration indices i and their mask."""
+    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    if PER_SAMPLE_T:
+        t = tl.load(t_ptr + b)
+    else:
+        t = t_scalar + 0 * b  # an int64 scalar either way
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return b, pid, t, i, i < N
+
+
+@triton.jit
 def offsets(b, i, stride_b, stride_pix, C, LAYOUT_CL: tl.constexpr):
     """Memory offsets (int64) of iteration indices i of sample b for one tensor."""
     if LAYOUT_CL:

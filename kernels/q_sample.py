@@ -12,7 +12,8 @@ import triton.language as tl
 from fastddpm.rng import TAG_Q_SAMPLE
 from fastddpm.schedule import ROW
 
-from .common import block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, split_seed, to_layout
+from .common import (block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, program_coords, split_seed,
+                     to_layout)
 
 
 @triton.jit
@@ -22,14 +23,7 @@ def q_sample_kernel(
     ROW_SQRT_ABAR: tl.constexpr, ROW_SQRT_1M_ABAR: tl.constexpr,
     DRAW: tl.constexpr, PER_SAMPLE_T: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
-    if PER_SAMPLE_T:
-        t = tl.load(t_ptr + b)
-    else:
-        t = t_scalar + 0 * b
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < N
+    b, pid, t, i, mask = program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T, BLOCK)
     x0 = tl.load(x0_ptr + offsets(b, i, sxb, sxp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
     if DRAW:
         z = block_noise(pid, sample_offset + b, tag, seed_lo, seed_hi, i, C, HW, BLOCK, LAYOUT_CL)

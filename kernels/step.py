@@ -21,8 +21,8 @@ import triton.language as tl
 
 from fastddpm.schedule import ROW
 
-from .common import (block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, sample_layout, split_seed,
-                     to_layout)
+from .common import (block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, program_coords,
+                     sample_layout, split_seed, to_layout)
 
 PRED = {"eps": 0, "x0": 1, "v": 2}
 VAR = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
@@ -47,14 +47,7 @@ def step_kernel(
     DDIM: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
     PER_SAMPLE_T: tl.constexpr, WRITE_X0: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
-    if PER_SAMPLE_T:
-        t = tl.load(t_ptr + b)
-    else:
-        t = t_scalar + 0 * b  # an int64 scalar either way
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < N
+    b, pid, t, i, mask = program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T, BLOCK)
 
     x = tl.load(x_ptr + offsets(b, i, sxb, sxp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
     mo = tl.load(mo_ptr + offsets(b, i, smb, smp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
