@@ -88,6 +88,11 @@ def cmd_demo(a):
           f"{a.method.upper()} with {a.steps} steps, seed {a.seed}, on {device}")
     runs = {}
     for backend in dict.fromkeys([fast, "reference"]):
+        if backend != "reference":  # kernel compilation and graph capture: once per process and shape
+            t0 = time.perf_counter()
+            _sample(model, a, backend=backend, progress=False)
+            warm = time.perf_counter() - t0
+            print(f"  backend {backend:<9}: warm-up (kernel compilation, graph capture) {warm:.2f} s")
         t0 = time.perf_counter()
         x = _sample(model, a, backend=backend, progress=False)
         if device.type == "cuda":

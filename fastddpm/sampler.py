@@ -11,12 +11,17 @@ Noise comes from one of two sources, both deterministic:
   step i > 0, in the model's dtype, on the generator's device), so a single batch
   (batch_size >= n) reproduces a diffusers DDPMPipeline / DDIMPipeline loop.
 
+Backends: "reference" (plain PyTorch loop: defines the numbers), "fused" (the same loop with
+one fused Triton kernel per step), "graph" (the fused loop replayed from captured CUDA
+graphs, see fastddpm.graphs), "auto" (graph on CUDA, fused when capture fails or with
+generator=, reference on the CPU).
+
 No host synchronisation inside the loop: non-finite values are tracked in a device-side
-flag holding the first bad step, read once per batch.
+flag holding the first bad step, read once per batch (once per call for graph batches).
 """
 from __future__ import annotations
 
-import math
+import weakref
 
 import torch
 from torch import nn
@@ -25,7 +30,7 @@ from . import _checks as C
 from . import diffusion, rng
 from .schedule import Schedule
 
-__all__ = ["sample", "call_model"]
+__all__ = ["sample", "call_model", "resolve_backend", "make_forward"]
 
 
 def call_model(model, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -115,25 +120,78 @@ def _check_consistent(model, s, method, prediction, variance, clip):
                              "**fastddpm.compat.sample_kwargs(scheduler)")
 
 
-def resolve_backend(backend, device):
-    """'auto' -> the fastest backend that works on `device`: fused Triton steps on CUDA
-    (when Triton imports), the reference loop elsewhere."""
+def resolve_backend(backend, device, generator=None):
+    """The backend that runs: "auto" -> the graph-captured loop where CUDA graphs work
+    (seed= noise; generator= noise, drawn by torch on the host's order, runs the fused eager
+    loop), the fused loop on CUDA otherwise, the reference loop elsewhere. Raises ValueError
+    for an explicit backend that cannot run here."""
     C.one_of(backend, C.BACKENDS, "backend")
-    if backend == "graph":
-        raise NotImplementedError("backend='graph' (CUDA-graph captured loop) is not available yet; "
-                                  "use 'fused' or 'auto'")
-    if backend == "auto":
-        from . import ops
+    from . import graphs, ops
 
+    if backend == "graph":
+        ok, why = graphs.supported(device)
+        if not ok:
+            raise ValueError(f"backend='graph' is not available here: {why}; use backend='fused' or 'reference'")
+        if generator is not None:
+            raise ValueError("backend='graph' draws its noise inside the kernels (seed=); generator= noise needs "
+                             "backend='fused' or 'reference'")
+        return "graph"
+    if backend == "auto":
+        if generator is None and graphs.supported(device)[0]:
+            return "graph"
         return "fused" if device.type == "cuda" and ops.kernels_available()[0] else "reference"
     return backend
+
+
+def _weak(model):
+    """A callable returning `model`, holding it weakly when it can (caches must not keep it alive)."""
+    try:
+        return weakref.ref(model)
+    except TypeError:
+        return lambda: model
+
+
+_compiled_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_call(model):
+    """torch.compile (default mode: fused kernels, no CUDA graphs of its own) of the model call,
+    built once per model. It reaches the model through a weak reference, so the cache does not
+    keep the model alive."""
+    try:
+        hit = _compiled_calls.get(model)
+    except TypeError:
+        hit = None
+    if hit is None:
+        ref = _weak(model)
+        hit = torch.compile(lambda x, t: call_model(ref(), x, t), dynamic=False)
+        try:
+            _compiled_calls[model] = hit
+        except TypeError:
+            pass
+    return hit
+
+
+def make_forward(model, model_dtype, autocast, compile=False, cache_casts=True):
+    """forward(x float32, t) -> model output: x cast to the model's dtype, autocast when the
+    weights are float32 and dtype= asked for half precision (cache_casts=False inside CUDA
+    graphs: autocast's cast cache must not outlive a capture), no autograd."""
+    ref = _weak(model)
+    call = _compiled_call(model) if compile else (lambda x, t: call_model(ref(), x, t))
+
+    def forward(x, t):
+        with torch.autocast(x.device.type, dtype=model_dtype, enabled=autocast, cache_enabled=cache_casts), \
+                torch.no_grad():
+            return call(x.to(model_dtype), t)
+
+    return forward
 
 
 def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps: int | None = None,
            method: str = "ddpm", eta: float = 0.0, prediction: str = "eps", variance: str = "fixed_small",
            clip: float | None = 1.0, seed: int | None = 0, generator: torch.Generator | None = None,
            batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
-           progress: bool = False, sample_offset: int = 0) -> torch.Tensor:
+           progress: bool = False, sample_offset: int = 0, compile: bool = False) -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
 
     model: callable model(x (B, C, H, W), t LongTensor (B,) of ORIGINAL training timesteps)
@@ -147,8 +205,12 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     dtype: precision of the model call (autocast when the model's weights are float32);
         the sampler state and step math stay float32. An nn.Module runs in eval mode (no
         dropout) during the call and gets its train/eval mode back afterwards.
-    backend: "reference" (plain PyTorch), "fused" (Triton step kernels), "auto" (the fastest
-        that works here).
+    backend: "reference" (plain PyTorch loop), "fused" (Triton step kernels, eager loop),
+        "graph" (the fused loop replayed from captured CUDA graphs; seed= noise only; see
+        fastddpm.graphs), "auto" (graph on CUDA, falling back to fused with one warning if the
+        model cannot be captured; fused with generator=; reference on the CPU).
+    compile: run the model through torch.compile (default mode: its fused kernels, no CUDA
+        graphs of its own) inside our loop, graphed or not. Compiled once per model.
     sample_offset: seed mode only: return samples sample_offset .. sample_offset + n - 1 of
         the seed's stream (sample i is the same image in any call), e.g. a shard of a
         distributed run (see fastddpm.distributed).
@@ -182,30 +244,66 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     shape = _resolve_shape(model, shape)
     s = _resolve_schedule(model, schedule, steps)
     _check_consistent(model, s, method, prediction, variance, clip)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False; got {compile!r}")
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
-    backend = resolve_backend(backend, device)
+    requested = backend
+    backend = resolve_backend(backend, device, generator)
 
     out = torch.empty((n, *shape), dtype=torch.float32, device=device)
+    starts = range(0, n, batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=math.ceil(n / batch_size) * s.num_steps, desc=f"sampling ({backend})", unit="step")
+        bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
     opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip)
+    flags = None  # graph batches: first bad step of each batch, read once at the end
     was_training = isinstance(model, nn.Module) and model.training
     if was_training:
         model.eval()  # no dropout while sampling; the caller's mode is restored below
     try:
-        for start in range(0, n, batch_size):
+        for j, start in enumerate(starts):
             B = min(batch_size, n - start)
-            out[start:start + B] = _sample_batch(model, s, (B, *shape), sample_offset + start, seed, generator,
-                                                 device, model_dtype, autocast, opts, bar, backend)
+            if backend == "graph":
+                loop = _graph_loop(model, s, (B, *shape), device, model_dtype, autocast, opts, compile,
+                                   explicit=requested == "graph")
+                if loop is not None:
+                    if flags is None:
+                        flags = torch.full((len(starts),), -1, dtype=torch.long, device=device)
+                    loop.run(seed, sample_offset + start, out[start:start + B], flags[j], bar)
+                    continue
+                backend = "fused"
+            forward = make_forward(model, model_dtype, autocast, compile)
+            out[start:start + B] = _sample_batch(forward, s, (B, *shape), sample_offset + start, seed, generator,
+                                                 device, model_dtype, opts, bar, backend)
     finally:
         if was_training:
             model.train()
         if bar is not None:
             bar.close()
+    if flags is not None:
+        bad = flags.tolist()  # one host sync for the whole call
+        for j, step in enumerate(bad):
+            if step >= 0:
+                _raise_if_bad(step, s, sample_offset + starts[j])
     return out
+
+
+def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, explicit):
+    """The cached captured loop, or None after a capture failure under backend='auto' (warned once)."""
+    from . import graphs
+
+    forward = make_forward(model, model_dtype, autocast, compile, cache_casts=False)
+    try:
+        return graphs.loop_for(model, forward, s, shape, device, opts, (model_dtype, autocast, compile),
+                               lambda mo, x: _check_output(mo, x, opts["variance"]))
+    except graphs.CaptureError as e:
+        if explicit:
+            raise RuntimeError(f"backend='graph': the model could not be captured in a CUDA graph ({e}); "
+                               "use backend='fused' (the same loop without graphs)") from e
+        graphs.warn_fallback(e)
+        return None
 
 
 def _initial_noise(shape, start, seed, generator, device, model_dtype):
@@ -237,7 +335,7 @@ def _step_fn(backend, method):
     return lambda s, x, *args, **kw: fn(s, x, *args, out=x, **kw)
 
 
-def _sample_batch(model, s, shape, start, seed, generator, device, model_dtype, autocast, opts, bar, backend):
+def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype, opts, bar, backend):
     B = shape[0]
     method, variance = opts["method"], opts["variance"]
     step = _step_fn(backend, method)
@@ -249,8 +347,7 @@ def _sample_batch(model, s, shape, start, seed, generator, device, model_dtype, 
         t_model = timesteps[i].expand(B)
         first = i == s.num_steps - 1
         try:
-            with torch.autocast(device.type, dtype=model_dtype, enabled=autocast), torch.no_grad():
-                mo = call_model(model, x.to(model_dtype), t_model)
+            mo = forward(x, t_model)
         except Exception as e:
             if first and hasattr(e, "add_note"):
                 e.add_note(f"fastddpm.sample: the model failed on its first call with x of shape {tuple(x.shape)} "
@@ -278,12 +375,11 @@ def _sample_batch(model, s, shape, start, seed, generator, device, model_dtype, 
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, i), first_bad)
         if bar is not None:
             bar.update(1)
-    _raise_if_bad(first_bad, s, start)
+    _raise_if_bad(int(first_bad), s, start)  # one host sync per batch
     return x
 
 
-def _raise_if_bad(first_bad, s, start):
-    i = int(first_bad)  # one host sync per batch
+def _raise_if_bad(i, s, start):
     if i >= 0:
         raise FloatingPointError(
             f"non-finite values appeared in the sampler state at step {i} (timestep {int(s.timesteps[i])}) "

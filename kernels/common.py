@@ -82,6 +82,25 @@ def block_noise(pid, sample, tag, seed_lo, seed_hi, i, C, HW,
 
 
 @triton.jit
+def rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR: tl.constexpr):
+    """(seed_lo, seed_hi, first sample index) of the noise stream: read from device memory
+    (int64 rng_ptr[0..2]) in captured loops, so a replay can change them; else the arguments."""
+    if RNG_PTR:
+        return tl.load(rng_ptr), tl.load(rng_ptr + 1), tl.load(rng_ptr + 2)
+    else:
+        return seed_lo, seed_hi, sample_offset
+
+
+@triton.jit
+def flag_non_finite(flag_ptr, out, mask, t):
+    """Raise the int64 flag at flag_ptr to step t (atomic max) if out holds a NaN or an inf.
+    A loop runs t downwards, so the flag ends as the FIRST step that went bad."""
+    bad = ((out != out) | (tl.abs(out) > 3.4028234663852886e38)) & mask
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        tl.atomic_max(flag_ptr, t.to(tl.int64))
+
+
+@triton.jit
 def program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T: tl.constexpr, BLOCK: tl.constexpr):
     """(b, pid, t, i, mask) of a program in the (sample, block) grid: sample b (int64), block pid,
     its step index t (read per sample, or the scalar), iteration indices i and their mask."""

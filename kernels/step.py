@@ -21,8 +21,8 @@ import triton.language as tl
 
 from fastddpm.schedule import ROW
 
-from .common import (block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, program_coords,
-                     sample_layout, split_seed, to_layout)
+from .common import (block_noise, flag_non_finite, grid, launch_config, offsets, pick_layout, pixel_stride,
+                     program_coords, rng_args, sample_layout, split_seed, to_layout)
 
 PRED = {"eps": 0, "x0": 1, "v": 2}
 VAR = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
@@ -40,12 +40,14 @@ def step_kernel(
     sxb, sxp, smb, smp, svb, svp, szb, szp, sob, sop, s0b, s0p,  # batch and pixel strides
     tab_ptr, sig_ptr, dir_ptr, t_ptr, t_scalar, S,          # schedule table (ROWS, S); DDIM rows; t
     N, C, HW, clip, seed_lo, seed_hi, sample_offset,
+    rng_ptr, flag_ptr,                                      # (seed_lo, seed_hi, offset) int64; first-bad flag
     ROW_SQRT_RECIP: tl.constexpr, ROW_SQRT_RECIPM1: tl.constexpr, ROW_SQRT_ABAR: tl.constexpr,
     ROW_SQRT_1M_ABAR: tl.constexpr, ROW_COEF_X0: tl.constexpr, ROW_COEF_XT: tl.constexpr,
     ROW_STD_SMALL: tl.constexpr, ROW_STD_LARGE: tl.constexpr, ROW_LOGVAR_SMALL: tl.constexpr,
     ROW_LOG_BETA: tl.constexpr, ROW_SQRT_ABAR_PREV: tl.constexpr,
     DDIM: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
     PER_SAMPLE_T: tl.constexpr, WRITE_X0: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
+    RNG_PTR: tl.constexpr, CHECK: tl.constexpr,
 ):
     b, pid, t, i, mask = program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T, BLOCK)
 
@@ -65,7 +67,8 @@ def step_kernel(
         x0 = sa * x - s1 * mo
         eps = sa * mo + s1 * x
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        # NaN stays NaN, as in torch.clamp (the default min/max would return the bound)
+        x0 = tl.clamp(x0, -clip, clip, propagate_nan=tl.PropagateNan.ALL)
 
     # mean and standard deviation of the step
     if DDIM:
@@ -89,17 +92,24 @@ def step_kernel(
             if NOISE == 1:
                 z = tl.load(z_ptr + offsets(b, i, szb, szp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
             else:
-                z = block_noise(pid, sample_offset + b, t, seed_lo, seed_hi, i, C, HW, BLOCK, LAYOUT_CL)
+                k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
+                z = block_noise(pid, first + b, t, k_lo, k_hi, i, C, HW, BLOCK, LAYOUT_CL)
             out = out + std * z
 
     tl.store(out_ptr + offsets(b, i, sob, sop, C, LAYOUT_CL), out, mask=mask)
+    if CHECK:
+        flag_non_finite(flag_ptr, out, mask, t)
     if WRITE_X0:
         tl.store(x0_ptr + offsets(b, i, s0b, s0p, C, LAYOUT_CL), x0, mask=mask)
 
 
 def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, prediction: str, variance: str,
-                 clip, seed, sample_offset: int, return_x0: bool, out=None):
-    """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a LongTensor (B,)."""
+                 clip, seed, sample_offset: int, return_x0: bool, out=None, rng=None, flag=None):
+    """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a LongTensor (B,).
+
+    For captured loops: rng, an int64 device tensor (seed_lo, seed_hi, sample_offset), replaces
+    seed and sample_offset (so one captured launch serves any seed and batch); flag, an int64
+    device scalar, is raised to t (atomic max) when the new state holds a non-finite value."""
     B = x_t.shape[0]
     C = x_t.shape[1]
     x_t, layout = pick_layout(x_t)
@@ -123,7 +133,7 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
     else:
         sig = dir_ = tab
         noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX
-    if noise_mode == NOISE_PHILOX and seed is None:  # only reachable for step 0 without noise
+    if noise_mode == NOISE_PHILOX and seed is None and rng is None:  # only reachable for step 0 without noise
         noise_mode = NOISE_NONE
     per_sample = isinstance(t, torch.Tensor)
     seed_lo, seed_hi = split_seed(seed or 0)
@@ -134,12 +144,13 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
         z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0.stride(0), pixel_stride(x0),
         tab, sig, dir_, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
         N, C, HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, sample_offset,
+        rng if rng is not None else tab, flag if flag is not None else tab,
         ROW["sqrt_recip_abar"], ROW["sqrt_recipm1_abar"], ROW["sqrt_abar"], ROW["sqrt_one_minus_abar"],
         ROW["coef_x0"], ROW["coef_xt"], ROW["std_small"], ROW["std_large"], ROW["log_var_small"],
         ROW["log_beta"], ROW["sqrt_abar_prev"],
         DDIM=ddim, PRED=PRED[prediction], VAR=VAR[variance], CLIP=clip is not None, NOISE=noise_mode,
         PER_SAMPLE_T=per_sample, WRITE_X0=return_x0, LAYOUT_CL=layout == "cl", BLOCK=block,
-        num_warps=warps,
+        RNG_PTR=rng is not None, CHECK=flag is not None, num_warps=warps,
     )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)

@@ -275,3 +275,50 @@ def test_out_in_another_layout_than_x(sched):
         got = ops.ddpm_step(sched, xx, 9, mo, seed=1, out=out)
         assert got is out
         close(out, want, 1e-5)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_non_finite_model_output_stays_non_finite_under_clipping(sched, method):
+    """torch.clamp keeps NaN; a plain min/max in the kernel would turn it into the bound and
+    hide a broken model from the sampler's non-finite check."""
+    x, mo = torch.randn(3, 2, 4, 5, device=dev()), torch.randn(3, 2, 4, 5, device=dev())
+    mo[0, 1, 2, 3] = float("nan")
+    mo[2, 0, 0, 0] = float("inf")
+    fn_ops, fn_ref = (ops.ddpm_step, diffusion.ddpm_step) if method == "ddpm" else (ops.ddim_step, diffusion.ddim_step)
+    got, want = fn_ops(sched, x, 40, mo, seed=3), fn_ref(sched, x, 40, mo, seed=3)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[0, 1, 2, 3])
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    close(got[fin], want[fin], 1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_device_side_noise_arguments_and_non_finite_flag(sched, layout):
+    """The captured loop's launch path: seed and first sample read from an int64 device tensor,
+    t per sample from a device tensor, a first-bad-step flag raised by atomic max."""
+    from fastddpm.kernels.noise import normal_forward
+    from fastddpm.kernels.step import step_forward
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    seed, first = 2**37 + 12345, 2**31 + 3
+    args = torch.tensor([seed & 0xFFFFFFFF, seed >> 32, first], device=dev())
+    x = torch.randn(4, 3, 5, 7, device=dev()).contiguous(memory_format=fmt)
+    mo = torch.randn(4, 3, 5, 7, device=dev()).contiguous(memory_format=fmt)
+    t = torch.full((4,), 70, device=dev())
+    flag = torch.full((), -1, dtype=torch.long, device=dev())
+    kw = dict(ddim=False, eta=0.0, prediction="eps", variance="fixed_small", clip=1.0, seed=None, sample_offset=0,
+              return_x0=False)
+    out = poisoned(x.shape).contiguous(memory_format=fmt)
+    step_forward(sched, x, t, mo, None, **kw, out=out, rng=args, flag=flag)
+    close(out, diffusion.ddpm_step(sched, x, 70, mo, seed=seed, sample_offset=first), 1e-5)
+    assert int(flag) == -1
+    for step, bad in ((70, 2), (90, 1), (30, 3)):  # the flag keeps the largest (first) bad step
+        mo2 = mo.clone()
+        mo2[bad, 0, 1, 1] = float("nan")
+        step_forward(sched, x, torch.full((4,), step, device=dev()), mo2, None, **kw, out=out, rng=args, flag=flag)
+    assert int(flag) == 90
+    z = poisoned(x.shape).contiguous(memory_format=fmt)
+    normal_forward(z, rng.TAG_INIT, rng=args)
+    close(z, rng.normal_like(x, seed, first, rng.TAG_INIT), 1e-5)
+    normal_forward(z, 5, seed=seed, sample_offset=first)
+    close(z, rng.normal_like(x, seed, first, 5), 1e-5)

@@ -1,0 +1,46 @@
+"""Standard normal noise from the counter-based stream (fastddpm/rng.py), written by a kernel.
+
+Used for a sampler's initial x_T (tag TAG_INIT) inside captured loops, where the seed and
+the first sample index are read from device memory so one captured launch serves any seed
+and any batch of a run.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, rng_args, split_seed
+
+
+@triton.jit
+def normal_kernel(
+    out_ptr, sob, sop, N, C, HW, rng_ptr, seed_lo, seed_hi, sample_offset, tag,
+    RNG_PTR: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
+    z = block_noise(pid, first + b, tag, k_lo, k_hi, i, C, HW, BLOCK, LAYOUT_CL)
+    tl.store(out_ptr + offsets(b, i, sob, sop, C, LAYOUT_CL), z, mask=i < N)
+
+
+def normal_forward(out: torch.Tensor, tag: int, *, seed: int | None = None, sample_offset: int = 0,
+                   rng: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill the float32 tensor out (B, ...) with stream noise of samples sample_offset .. + B - 1
+    under `tag`; rng (int64 device tensor: seed_lo, seed_hi, sample_offset) replaces seed and
+    sample_offset when given. out must be contiguous or channels_last inside each sample."""
+    target, layout = pick_layout(out)
+    if target is not out:
+        raise ValueError("out must be contiguous or channels_last inside each sample")
+    B, N = out.shape[0], out[0].numel()
+    C = out.shape[1] if out.ndim > 1 else 1
+    seed_lo, seed_hi = split_seed(seed or 0)
+    block, warps = launch_config(N)
+    normal_kernel[grid(B, N, block)](
+        out, out.stride(0), pixel_stride(out), N, C, N // C, rng if rng is not None else out,
+        seed_lo, seed_hi, sample_offset, tag,
+        RNG_PTR=rng is not None, LAYOUT_CL=layout == "cl", BLOCK=block, num_warps=warps,
+    )
+    return out

@@ -1,0 +1,327 @@
+"""backend="graph": the captured sampling loop (fastddpm.graphs).
+
+CPU: the loop body the graphs capture (static buffers, step index and noise-stream
+arguments in device memory, in-kernel x_T and non-finite flag, chunk + tail cut) runs
+eagerly under the Triton interpreter with graphs.EMULATE_ON_CPU, and must give the fused
+and reference backends' samples; the cache, the fallback and the argument errors are
+checked there too. GPU (@pytest.mark.gpu): the real captures.
+"""
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import fastddpm
+from fastddpm import Schedule, graphs
+from fastddpm.sampler import resolve_backend
+from fastddpm.testing import GaussianDataModel
+
+SHAPE = (2, 2, 3)
+CUDA = torch.cuda.is_available()
+
+
+def gaussian_model():
+    s = Schedule.linear(1000)
+    mu = torch.linspace(-0.8, 0.8, 12).reshape(SHAPE)
+    sd = torch.linspace(0.2, 1.0, 12).reshape(SHAPE)
+    return s, GaussianDataModel(s, mu, sd)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    """The graph backend on the CPU: same code, run eagerly instead of captured."""
+    if CUDA:
+        pytest.skip("the GPU runs the real captures (tests marked gpu)")
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    monkeypatch.setattr(graphs, "CHUNK_STEPS", 5)
+    graphs.clear_cache()
+    yield
+    graphs.clear_cache()
+
+
+# ------------------------------------------------------------------------ CPU (emulated)
+@pytest.mark.parametrize("method,eta,variance", [("ddpm", 0.0, "fixed_small"), ("ddpm", 0.0, "fixed_large"),
+                                                 ("ddim", 0.0, "fixed_small"), ("ddim", 0.7, "fixed_small")])
+def test_graph_loop_equals_fused_and_reference(emulate, method, eta, variance):
+    """12 steps = 2 chunks of 5 + a tail of 2; 5 samples in batches of 3 (the last one short)."""
+    s, model = gaussian_model()
+    kw = dict(schedule=s, steps=12, method=method, eta=eta, variance=variance, batch_size=3, seed=2**40 + 11,
+              sample_offset=5)
+    runs = {b: fastddpm.sample(model, 5, backend=b, **kw) for b in ("reference", "fused", "graph")}
+    assert torch.isfinite(runs["graph"]).all()
+    assert rel(runs["graph"], runs["fused"]) < 1e-5
+    assert rel(runs["graph"], runs["reference"]) < 1e-5
+
+
+def test_graph_loop_on_a_unet_with_learned_range_and_channels_last(emulate):
+    m = fastddpm.UNet.from_preset("tiny", out_channels=6).eval()
+    kw = dict(steps=6, seed=1, variance="learned_range", batch_size=2)
+    ref = fastddpm.sample(m, 3, backend="reference", **kw)
+    assert rel(fastddpm.sample(m, 3, backend="graph", **kw), ref) < 1e-5
+    m = m.to(memory_format=torch.channels_last)
+    assert rel(fastddpm.sample(m, 3, backend="graph", **kw), ref) < 1e-5
+
+
+def test_sample_i_is_the_same_in_any_batch(emulate):
+    s, model = gaussian_model()
+    a = fastddpm.sample(model, 5, schedule=s, steps=6, seed=9, backend="graph")
+    b = fastddpm.sample(model, 5, schedule=s, steps=6, seed=9, backend="graph", batch_size=3)
+    c = fastddpm.sample(model, 2, schedule=s, steps=6, seed=9, backend="graph", sample_offset=3)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c, a[3:], rtol=1e-6, atol=1e-6)
+
+
+def test_auto_is_graph_where_graphs_run():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "reference"
+    assert resolve_backend("auto", cuda) == "graph"  # decided without touching a GPU
+    assert resolve_backend("auto", cuda, generator=torch.Generator()) == "fused"
+    with pytest.raises(ValueError, match="backend='graph' is not available here: needs a CUDA device"):
+        resolve_backend("graph", cpu)
+    with pytest.raises(ValueError, match="generator= noise needs backend='fused'"):
+        resolve_backend("graph", cuda, generator=torch.Generator())
+
+
+def test_argument_errors():
+    s, model = gaussian_model()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        fastddpm.sample(model, 2, schedule=s, steps=3, backend="graph")
+    with pytest.raises(TypeError, match="compile must be True or False; got 'yes'"):
+        fastddpm.sample(model, 2, schedule=s, steps=3, compile="yes")
+
+
+def test_cache_reuse_invalidation_and_bound(emulate, monkeypatch):
+    builds = []
+    real_build = graphs.GraphLoop.build
+
+    def counting_build(self, check):
+        builds.append(self.plan.x.shape)
+        return real_build(self, check)
+
+    monkeypatch.setattr(graphs.GraphLoop, "build", counting_build)
+    m = fastddpm.UNet.from_preset("tiny").eval()
+    kw = dict(steps=3, seed=0, backend="graph")
+    a = fastddpm.sample(m, 2, **kw)
+    b = fastddpm.sample(m, 2, **{**kw, "seed": 1})  # another seed: the same loop
+    assert len(builds) == 1 and graphs.cached_entries(m) == 1
+    assert rel(a, b) > 0.1
+    fastddpm.sample(m, 2, **{**kw, "steps": 4})  # another schedule
+    fastddpm.sample(m, 2, **{**kw, "method": "ddim"})  # other options
+    fastddpm.sample(m, 3, **kw)  # another batch shape
+    assert len(builds) == 4 and graphs.cached_entries(m) == 4
+    # in-place weight updates are seen by the cached loop (as by the captured graph's addresses)
+    with torch.no_grad():
+        m.conv_out.weight.mul_(2)
+    c = fastddpm.sample(m, 2, **kw)
+    assert len(builds) == 4
+    assert rel(c, fastddpm.sample(m, 2, **{**kw, "backend": "reference"})) < 1e-5
+    # replaced weights (new addresses) miss the cache and drop every stale loop
+    m.conv_out.weight = nn.Parameter(m.conv_out.weight.detach().clone())
+    fastddpm.sample(m, 2, **kw)
+    assert len(builds) == 5 and graphs.cached_entries(m) == 1
+    for k in range(graphs.MAX_ENTRIES + 2):  # bounded
+        fastddpm.sample(m, 1, **{**kw, "steps": 2 + k})
+    assert graphs.cached_entries(m) == graphs.MAX_ENTRIES
+    graphs.clear_cache(m)
+    assert graphs.cached_entries(m) == 0
+
+
+def test_cache_does_not_keep_the_model_alive(emulate, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled-call cache is covered too
+    m = fastddpm.UNet.from_preset("tiny").eval()
+    fastddpm.sample(m, 2, steps=2, backend="graph")
+    fastddpm.sample(m, 2, steps=2, backend="graph", compile=True)
+    assert graphs.cached_entries(m) == 2
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
+def test_capture_failure_falls_back_with_one_warning(emulate, monkeypatch):
+    builds = []
+
+    def failing_build(self, check):
+        builds.append(1)
+        raise graphs.CaptureError("RuntimeError: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs.GraphLoop, "build", failing_build)
+    monkeypatch.setattr(graphs, "supported", lambda device: (True, ""))  # 'auto' picks graph on the CPU
+    s, model = gaussian_model()
+    kw = dict(schedule=s, steps=6, seed=3, batch_size=2)
+    fused = fastddpm.sample(model, 3, backend="fused", **kw)
+    with pytest.warns(RuntimeWarning, match="could not be captured.*operation not permitted.*backend='fused'"):
+        got = fastddpm.sample(model, 3, backend="auto", **kw)
+    torch.testing.assert_close(got, fused, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure is remembered: no second warning, no second capture
+        fastddpm.sample(model, 3, backend="auto", **kw)
+    assert len(builds) == 1
+    with pytest.raises(RuntimeError, match="backend='graph': the model could not be captured.*use backend='fused'"):
+        fastddpm.sample(model, 3, backend="graph", **kw)
+
+
+def test_non_finite_state_raises_with_step_and_batch(emulate):
+    s = Schedule.linear(20)
+
+    def model(x, t):
+        bad = (t == 8).view(-1, 1, 1, 1) & (torch.arange(x.shape[0]) == 1).view(-1, 1, 1, 1)
+        return torch.where(bad, torch.full_like(x, float("nan")), torch.zeros_like(x))
+
+    # every batch has a sample 1 (global samples 1 and 3): the first batch is reported
+    with pytest.raises(FloatingPointError, match="step 8 .timestep 8. in the batch starting at sample 0"):
+        fastddpm.sample(model, 4, shape=(1, 4, 4), schedule=s, batch_size=2, backend="graph")
+
+
+def test_progress_is_reported_per_chunk(emulate, capsys):
+    s, model = gaussian_model()
+    fastddpm.sample(model, 3, schedule=s, steps=12, batch_size=2, backend="graph", progress=True)
+    assert "24/24" in capsys.readouterr().err
+
+
+def test_compile_true_compiles_once_per_model_in_default_mode(emulate, monkeypatch):
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    m = fastddpm.UNet.from_preset("tiny").eval()
+    plain = fastddpm.sample(m, 2, steps=3, backend="graph")
+    for backend in ("graph", "fused", "reference"):
+        got = fastddpm.sample(m, 2, steps=3, backend=backend, compile=True)
+        assert rel(got, plain) < 1e-5
+    assert len(calls) == 1  # one compiled call, reused by every backend and call
+    assert calls[0].get("mode") in (None, "default")  # never reduce-overhead: our loop owns the graphs
+
+
+def test_bf16_model_dtype_under_the_graph_loop(emulate):
+    m = fastddpm.UNet.from_preset("tiny").eval()
+    kw = dict(steps=3, seed=4, dtype=torch.bfloat16)
+    ref = fastddpm.sample(m, 2, backend="reference", **kw)
+    got = fastddpm.sample(m, 2, backend="graph", **kw)
+    assert got.dtype == torch.float32 and rel(got, ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------- GPU
+def small_diffusers_unet():
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(32, 64), norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+
+
+def gpu_model(name):
+    torch.manual_seed(0)
+    m = fastddpm.UNet.from_preset("tiny") if name == "fastddpm" else small_diffusers_unet()
+    return m.cuda().eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fastddpm", "diffusers"])
+@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_gpu_graph_fused_reference_agree(name, method, eta):
+    """graph vs fused in seed mode; fused vs reference with the same generator noise.
+    10 steps keep DDIM(eta=0) on a random U-Net well inside float32's reach (DESIGN.md)."""
+    graphs.clear_cache()
+    m = gpu_model(name)
+    kw = dict(steps=10, method=method, eta=eta, batch_size=3)
+    g = fastddpm.sample(m, 5, backend="graph", seed=7, **kw)
+    f = fastddpm.sample(m, 5, backend="fused", seed=7, **kw)
+    assert torch.isfinite(g).all() and rel(g, f) < 1e-4, rel(g, f)
+    auto = fastddpm.sample(m, 5, backend="auto", seed=7, **kw)
+    assert rel(auto, g) < 1e-6
+    gen = lambda: torch.Generator(device="cuda").manual_seed(7)  # noqa: E731
+    f = fastddpm.sample(m, 5, backend="fused", generator=gen(), **kw)
+    r = fastddpm.sample(m, 5, backend="reference", generator=gen(), **kw)
+    assert rel(f, r) < 1e-4, rel(f, r)
+    assert graphs.cached_entries(m) == 2  # batch 3 and the last batch of 2
+
+
+@pytest.mark.gpu
+def test_gpu_second_call_replays_the_cached_graph(monkeypatch):
+    graphs.clear_cache()
+    m = gpu_model("fastddpm")
+    fastddpm.sample(m, 4, steps=12, backend="graph", seed=0)
+    monkeypatch.setattr(graphs.GraphLoop, "build", lambda *a: pytest.fail("captured again"))
+    a = fastddpm.sample(m, 4, steps=12, backend="graph", seed=1)
+    b = fastddpm.sample(m, 4, steps=12, backend="fused", seed=1)
+    assert rel(a, b) < 1e-4
+    loop = next(v for v in graphs._cache[m].values())
+    assert len(loop.graphs) == 3  # init, chunk of 10, tail of 2
+
+
+@pytest.mark.gpu
+def test_gpu_memory_does_not_grow_over_calls():
+    graphs.clear_cache()
+    m = gpu_model("fastddpm")
+    for _ in range(2):
+        fastddpm.sample(m, 8, steps=10, backend="graph", seed=0)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for k in range(5):
+        x = fastddpm.sample(m, 8, steps=10, backend="graph", seed=k)
+        del x
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.gpu
+def test_gpu_uncapturable_model_falls_back_with_a_warning():
+    graphs.clear_cache()
+    inner = gpu_model("fastddpm")
+
+    class Syncing(nn.Module):  # branches on a tensor value: a host sync, not capturable
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def forward(self, x, t):
+            out = self.inner(x, t)
+            return out if float(out.abs().max()) < 1e9 else out * 0
+
+    m = Syncing()
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        got = fastddpm.sample(m, 3, steps=5, seed=2)
+    assert rel(got, fastddpm.sample(m, 3, steps=5, seed=2, backend="fused")) < 1e-6
+    with pytest.raises(RuntimeError, match="backend='graph'"):
+        fastddpm.sample(m, 3, steps=5, seed=2, backend="graph")
+    # the device is still usable after the failed capture
+    assert rel(fastddpm.sample(inner, 3, steps=5, seed=2), fastddpm.sample(inner, 3, steps=5, seed=2,
+                                                                          backend="fused")) < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_compile_and_half_precision():
+    graphs.clear_cache()
+    m = gpu_model("fastddpm")
+    kw = dict(steps=10, seed=3, batch_size=4)
+    f = fastddpm.sample(m, 4, backend="fused", **kw)
+    c = fastddpm.sample(m, 4, backend="graph", compile=True, **kw)
+    assert rel(c, f) < 1e-3, rel(c, f)  # inductor may reassociate float32 sums
+    for dtype in (torch.bfloat16, torch.float16):
+        f = fastddpm.sample(m, 4, backend="fused", dtype=dtype, **kw)
+        g = fastddpm.sample(m, 4, backend="graph", dtype=dtype, **kw)
+        assert g.dtype == torch.float32 and rel(g, f) < 1e-2, (dtype, rel(g, f))
+
+
+@pytest.mark.gpu
+def test_gpu_non_finite_is_caught_inside_the_graph():
+    graphs.clear_cache()
+    s = Schedule.linear(100)
+
+    def model(x, t):
+        return torch.where((t == 40).view(-1, 1, 1, 1), torch.full_like(x, float("nan")), torch.zeros_like(x))
+
+    with pytest.raises(FloatingPointError, match="step 40"):
+        fastddpm.sample(model, 2, shape=(1, 4, 4), schedule=s, backend="graph", device="cuda")
