@@ -38,7 +38,8 @@ def table(data) -> str:
         base = baseline_of(recs)
         for r in recs:
             figs = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
-                             if k in ("gb_per_s", "frac_of_copy_bw", "ms_per_step", "images_per_s", "overhead_ms"))
+                             if k in ("gb_per_s", "frac_of_copy_bw", "ms_per_step", "images_per_s", "overhead_ms",
+                                      "overhead_pct", "first_call_s"))
             lines.append(f"| {g} | {r['name']} | {r['us_per_call']:.1f} | "
                          f"{base['us_per_call'] / r['us_per_call']:.2f}x vs {base['name']} | {figs} |")
     return "\n".join(lines)

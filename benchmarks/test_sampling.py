@@ -1,11 +1,19 @@
 """Sampling: ms/step and images/s per backend and per peer, on the same model in the same run.
 
-Peers: a plain diffusers DDPMScheduler loop over the same model, and (GPU) torch.compile
-(mode="reduce-overhead") of the model with diffusers' step. The sampler overhead is the
-step time minus the model's own forward time at the same batch.
+Contenders: fastddpm's reference, fused and graph backends, graph with compile=True, a
+plain diffusers DDPMScheduler loop over the same model (the baseline), and (GPU)
+torch.compile(mode="reduce-overhead") of the model with diffusers' step. The sampler
+overhead is the step time minus the model's own forward time at the same batch, that
+forward replayed from a captured CUDA graph on a GPU (its launch-free time).
 GPU: fastddpm's ddpm-cifar10 preset and a diffusers UNet2DModel of the same architecture,
 batch 1, 16, 128. CPU: the tiny preset, batch 1 and 4, so the suite runs in CI.
+
+The "graph chunk" group measures how the loop is cut into graphs (K steps per replayed
+graph; K = STEPS is the whole loop in one graph) at batch 1, where launch costs dominate.
+torch.compile rows take minutes to compile on a GPU: FASTDDPM_BENCH_COMPILE=0 skips them.
 """
+import os
+
 import pytest
 import torch
 
@@ -14,7 +22,8 @@ from harness import CUDA, DEVICE, median_seconds, run_rounds
 
 BATCHES = [1, 16, 128] if CUDA else [1, 4]
 STEPS = 20 if CUDA else 3
-BACKENDS = ["reference", "fused", "graph"]
+BACKENDS = ["reference", "fused", "graph", "graph+compile"]
+COMPILE = os.environ.get("FASTDDPM_BENCH_COMPILE", "1") != "0"
 
 
 def build(model_name):
@@ -40,11 +49,25 @@ _FORWARD = {}
 
 
 def forward_seconds(name, model, batch):
+    """The model's own forward time at this batch: replayed from a captured CUDA graph on a GPU
+    (no launch overhead), eager on the CPU."""
     if (name, batch) not in _FORWARD:
         x = torch.randn((batch, *shape_of(model)), device=DEVICE)
         t = torch.full((batch,), 500, device=DEVICE)
         with torch.no_grad():
-            _FORWARD[name, batch] = median_seconds(lambda: model(x, t))
+            fn = lambda: model(x, t)  # noqa: E731
+            if CUDA:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        fn()
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn()
+                fn = g.replay
+            _FORWARD[name, batch] = median_seconds(fn)
     return _FORWARD[name, batch]
 
 
@@ -80,31 +103,60 @@ def diffusers_loop(model, batch, steps, compiled=None):
     return loop
 
 
+def skip_unless_runnable(contender):
+    if contender.startswith("graph"):
+        try:
+            fastddpm.sampler.resolve_backend("graph", DEVICE)
+        except ValueError as e:
+            pytest.skip(str(e))
+    if "compile" in contender:
+        if not CUDA:
+            pytest.skip("torch.compile rows are measured on GPUs only (CPU compile takes minutes per model)")
+        if not COMPILE:
+            pytest.skip("FASTDDPM_BENCH_COMPILE=0")
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("model_name", ["fastddpm-unet", "diffusers-unet2d"])
 @pytest.mark.parametrize("contender", BACKENDS + ["diffusers_loop", "compile_reduce_overhead+diffusers"])
 def test_sampling(benchmark, record, model_name, batch, contender):
+    skip_unless_runnable(contender)
     model = model_for(model_name)
     shape = shape_of(model)
-    if contender == "graph":
-        try:
-            fastddpm.sampler.resolve_backend("graph", DEVICE)
-        except NotImplementedError as e:
-            pytest.skip(str(e))
     if contender == "compile_reduce_overhead+diffusers":
-        if not CUDA:
-            pytest.skip("torch.compile(reduce-overhead) is a GPU peer")
         pytest.importorskip("diffusers")
         fn = diffusers_loop(model, batch, STEPS, torch.compile(model, mode="reduce-overhead"))
     elif contender == "diffusers_loop":
         pytest.importorskip("diffusers")
         fn = diffusers_loop(model, batch, STEPS)
     else:
-        fn = lambda: fastddpm.sample(model, batch, shape=shape, steps=STEPS, backend=contender, seed=0)  # noqa: E731
+        backend, _, comp = contender.partition("+")
+        fn = lambda: fastddpm.sample(model, batch, shape=shape, steps=STEPS, backend=backend,  # noqa: E731
+                                     compile=bool(comp), seed=0)
     sec = run_rounds(benchmark, [fn], calls_per_round=1, rounds=5 if CUDA else 2)
     ms_step = 1e3 * sec / STEPS
     figs = dict(ms_per_step=ms_step, images_per_s=batch / sec, steps=STEPS)
     if contender in BACKENDS:  # the sampler's overhead over the model's own forward at this batch
         fwd_ms = 1e3 * forward_seconds(model_name, model, batch)
-        figs.update(model_ms=fwd_ms, overhead_ms=ms_step - fwd_ms)
+        figs.update(model_ms=fwd_ms, overhead_ms=ms_step - fwd_ms, overhead_pct=100 * (ms_step - fwd_ms) / fwd_ms)
     record(f"sample {model_name} b{batch}", contender, sec, baseline=contender == "diffusers_loop", **figs)
+
+
+@pytest.mark.parametrize("chunk", [1, 10, STEPS])
+def test_graph_chunk(benchmark, record, monkeypatch, chunk):
+    """How the loop is cut: K steps per replayed graph (K = STEPS: the whole loop, one graph)."""
+    skip_unless_runnable("graph")
+    from fastddpm import graphs
+
+    monkeypatch.setattr(graphs, "CHUNK_STEPS", chunk)
+    model = model_for("fastddpm-unet")
+    shape = shape_of(model)
+    fn = lambda: fastddpm.sample(model, 1, shape=shape, steps=STEPS, backend="graph", seed=0)  # noqa: E731
+    import time
+
+    t0 = time.perf_counter()
+    fn()  # the capture of this cut (the cache holds one loop per K)
+    first = time.perf_counter() - t0
+    sec = run_rounds(benchmark, [fn], calls_per_round=1, rounds=5 if CUDA else 2)
+    record("graph chunk b1", f"K={chunk}", sec, baseline=chunk == 1, ms_per_step=1e3 * sec / STEPS,
+           first_call_s=first, steps=STEPS)

@@ -24,7 +24,10 @@ def _add_sampling_args(p, steps_default):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--variance", choices=C.VARIANCES, default="fixed_small", help="DDPM variance")
     p.add_argument("--batch-size", type=int, default=None, help="images per model call (default min(n, 256))")
-    p.add_argument("--backend", choices=C.BACKENDS, default="auto", help="step implementation (default auto)")
+    p.add_argument("--backend", choices=C.BACKENDS, default="auto",
+                   help="sampling loop (default auto: CUDA-graph captured on a GPU, reference on a CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model through torch.compile inside the loop (GPU; compiling takes minutes)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -42,7 +45,7 @@ def _sample(model, a, backend=None, progress=True):
     from .sampler import sample
 
     return sample(model, a.n, steps=a.steps or None, method=a.method, eta=a.eta, variance=a.variance,
-                  seed=a.seed, batch_size=a.batch_size, backend=backend or a.backend,
+                  seed=a.seed, batch_size=a.batch_size, backend=backend or a.backend, compile=a.compile,
                   prediction=getattr(model, "fastddpm_prediction", "eps"), progress=progress)
 
 
@@ -61,7 +64,7 @@ def cmd_sample(a):
         out = sample_to_folder(model, a.n, a.out, shard_size=a.shard_size, rank=rank, world=world, manifest=manifest,
                                progress=not a.no_progress, steps=a.steps or None, method=a.method, eta=a.eta,
                                variance=a.variance, seed=a.seed, batch_size=a.batch_size, backend=a.backend,
-                               prediction=getattr(model, "fastddpm_prediction", "eps"))
+                               compile=a.compile, prediction=getattr(model, "fastddpm_prediction", "eps"))
     finally:
         _leave_process_group()
     if rank == 0:
