@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import threading
 import warnings
 import weakref
@@ -174,8 +175,8 @@ class GraphLoop:
 
     def build(self, check_output):
         """Warm up (eagerly, on a side stream when capturing), then capture. A failure of the
-        warm-up is the model's own error and propagates; a failure of the capture raises
-        CaptureError."""
+        first model call is the model's own error and propagates; any later failure (the
+        warm-up steps, the capture) raises CaptureError, so 'auto' can fall back to fused."""
         plan = self.plan
         if not self.capture:
             plan.first_call(check_output)
@@ -186,21 +187,23 @@ class GraphLoop:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 plan.first_call(check_output)
-                plan.begin()
-                plan.steps(min(2, plan.S))  # compiles the kernels; a compiled model's second call
-            torch.cuda.current_stream(dev).wait_stream(side)
-            torch.cuda.synchronize(dev)
             try:
+                with torch.cuda.stream(side):
+                    plan.begin()
+                    plan.steps(min(2, plan.S))  # compiles the kernels; a compiled model's second call
+                torch.cuda.current_stream(dev).wait_stream(side)
+                torch.cuda.synchronize(dev)
                 pool = torch.cuda.graph_pool_handle()
                 graphs = [self._capture(self._init, pool), self._capture(self._chunk, pool)]
                 if self.tail:
                     graphs.append(self._capture(self._tail, pool))
-            except Exception as e:  # noqa: BLE001 - any failure inside a capture means "not capturable"
+            except Exception as e:  # noqa: BLE001 - any failure here means "run this model eagerly"
                 try:
                     torch.cuda.synchronize(dev)
                 except Exception:  # noqa: BLE001
                     pass
-                raise CaptureError(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}") from e
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise CaptureError(f"{type(e).__name__}: {first_line}") from e
         self.graphs = tuple(graphs)
         self._init = graphs[0].replay
         self._chunk = graphs[1].replay
@@ -273,8 +276,8 @@ def _schedule_key(s) -> str:
 def _weights_key(model) -> tuple:
     if not isinstance(model, nn.Module):
         return ()
-    tensors = list(model.parameters()) + list(model.buffers())
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in tensors)
+    # ~1 ms for a 300-tensor U-Net, once per batch: the module walk is most of it
+    return tuple((t.data_ptr(), t.shape, t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _entries(model, create: bool):
