@@ -1,6 +1,7 @@
 """Turn a benchmark JSON (written by `pytest benchmarks`) into the README's results table and a PNG chart.
 
     python benchmarks/report.py benchmarks/results/cuda-latest.json --readme README.md --png docs/results.png
+    python benchmarks/report.py cuda-latest.json cuda-compile.json ...   # runs split over calls, one device
 
 The table replaces the text between <!-- results:start --> and <!-- results:end --> in the
 README; the chart shows, per group, each contender's speed-up over the group's baseline.
@@ -18,6 +19,24 @@ def load(path):
         return json.load(f)
 
 
+def merge(runs):
+    """One payload from runs of the same device: records in run order, a later run's record
+    replacing an earlier one of the same group and name."""
+    devices = {r["device"] for r in runs}
+    if len(devices) > 1:
+        raise SystemExit(f"the JSONs come from different devices ({sorted(devices)}): ratios would not compare")
+    data = dict(runs[-1])
+    recs = {}
+    for r in runs:
+        for rec in r["records"]:
+            recs[(rec["group"], rec["name"])] = rec
+    data["records"] = list(recs.values())
+    if len(runs) > 1:
+        data["torch"] = ", ".join(sorted({r["torch"] for r in runs}))
+        data["triton"] = ", ".join(sorted({r["triton"] for r in runs}))
+    return data
+
+
 def baseline_of(recs):
     """The record its benchmark declared the group's baseline (the first one otherwise)."""
     return next((r for r in recs if r.get("baseline")), recs[0])
@@ -32,7 +51,7 @@ def groups(data):
 
 def table(data) -> str:
     lines = [f"Device: **{data['device']}**, torch {data['torch']}, triton {data['triton']}, "
-             f"{data['date'][:10]} (from `{os.path.basename(data.get('_path', 'results.json'))}`).", "",
+             f"{data['date'][:10]} (from `{data.get('_path', 'results.json')}`).", "",
              "| group | contender | us/call | speed-up vs baseline | figures |", "|---|---|---:|---:|---|"]
     for g, recs in groups(data).items():
         base = baseline_of(recs)
@@ -84,12 +103,12 @@ def update_readme(readme, text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json", help="a JSON written by pytest benchmarks")
+    p.add_argument("json", nargs="+", help="JSONs written by pytest benchmarks on one device (records merged)")
     p.add_argument("--readme", help="README to update between the results markers")
     p.add_argument("--png", help="chart to write")
     a = p.parse_args(argv)
-    data = load(a.json)
-    data["_path"] = a.json
+    data = merge([load(path) for path in a.json])
+    data["_path"] = ", ".join(os.path.basename(path) for path in a.json)
     text = table(data)
     if a.readme:
         update_readme(a.readme, text)
