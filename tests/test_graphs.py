@@ -69,6 +69,14 @@ def test_graph_loop_on_a_unet_with_learned_range_and_channels_last(emulate):
     assert rel(fastddpm.sample(m, 3, backend="graph", **kw), ref) < 1e-5
 
 
+def test_graph_loop_on_a_diffusers_unet2dmodel(emulate):
+    m = small_diffusers_unet().eval()
+    for kw in (dict(method="ddpm"), dict(method="ddim", eta=0.0)):
+        kw.update(steps=4, seed=6, batch_size=2)
+        ref = fastddpm.sample(m, 3, backend="reference", **kw)
+        assert rel(fastddpm.sample(m, 3, backend="graph", **kw), ref) < 1e-5
+
+
 def test_sample_i_is_the_same_in_any_batch(emulate):
     s, model = gaussian_model()
     a = fastddpm.sample(model, 5, schedule=s, steps=6, seed=9, backend="graph")
