@@ -91,9 +91,11 @@ def _resolve_device_dtype(model, device, dtype):
     if device is None:
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    if p is not None and p.device.type != device.type:
+    if p is not None and (p.device.type != device.type or device.index not in (None, p.device.index)):
         raise ValueError(f"device={device} but the model's parameters are on {p.device}; move the model or "
                          f"pass device={p.device}")
+    if device.index is None and device.type == "cuda":  # one name per device: "cuda" -> "cuda:<index>"
+        device = p.device if p is not None else torch.device("cuda", torch.cuda.current_device())
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or None; got {dtype}")
     param_dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
