@@ -204,7 +204,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     method: "ddpm" (ancestral; `variance` applies) or "ddim" (`eta` applies).
     seed / generator: noise source (see module docstring); generator takes precedence.
     batch_size: images per model call (default min(n, 256)).
-    dtype: precision of the model call (autocast when the model's weights are float32);
+    dtype: precision of the model call (autocast when the model's weights are float32, which
+        re-casts the weights every step: a model cast to bf16 itself is faster);
         the sampler state and step math stay float32. An nn.Module runs in eval mode (no
         dropout) during the call and gets its train/eval mode back afterwards.
     backend: "reference" (plain PyTorch loop), "fused" (Triton step kernels, eager loop),
