@@ -5,13 +5,14 @@
     x = fastddpm.sample(unet, 16, steps=50, method="ddim")   # (16, 3, 32, 32) float32
 
 Modules: `schedule` (noise schedules), `diffusion` (reference math), `ops` (fused Triton
-ops with the same signatures), `rng` (the counter-based noise stream), `unet`, `sampler`.
+ops with the same signatures), `rng` (the counter-based noise stream), `unet`, `sampler`,
+`graphs` (the CUDA-graph captured loop behind backend="graph" and its cache).
 """
-from . import compat, diffusion, ops, rng
+from . import compat, diffusion, graphs, ops, rng
 from .schedule import Schedule
 from .unet import UNet
 from .sampler import sample
 from .checkpoint import load
 
 __version__ = "0.1.0"
-__all__ = ["Schedule", "UNet", "sample", "load", "compat", "diffusion", "ops", "rng", "__version__"]
+__all__ = ["Schedule", "UNet", "sample", "load", "compat", "diffusion", "graphs", "ops", "rng", "__version__"]
