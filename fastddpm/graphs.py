@@ -52,7 +52,8 @@ MAX_ENTRIES = 4         # cached loops per model (batch sizes, dtypes, schedules
 EMULATE_ON_CPU = False  # tests: run the graph loop's body eagerly on the CPU, without capturing
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_strong_cache: "collections.OrderedDict" = collections.OrderedDict()  # models that cannot be weakly referenced
+# models that cannot be weakly referenced: id -> (model, loops); the model is held so its id stays unique
+_strong_cache: "collections.OrderedDict" = collections.OrderedDict()
 _lock = threading.Lock()
 
 
@@ -90,7 +91,7 @@ def clear_cache(model=None) -> None:
 def cached_entries(model) -> int:
     """How many captured loops are cached for `model` (for tests and diagnostics)."""
     entries = _entries(model, create=False)
-    return 0 if entries is None else sum(k != "__model__" for k in entries)
+    return 0 if entries is None else len(entries)
 
 
 # ----------------------------------------------------------------------------------- plan
@@ -151,9 +152,9 @@ class LoopPlan:
         t = torch.index_select(self.timesteps, 0, self.i)
         mo = self.forward(self.x, t)
         check_output(mo, self.x)
-        if self.x.ndim == 4 and mo.ndim == 4 and not mo.is_contiguous() and \
-                mo.is_contiguous(memory_format=torch.channels_last):
-            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        from .sampler import follow_layout
+
+        self.x = follow_layout(self.x, mo)
 
 
 # ----------------------------------------------------------------------------------- loop
@@ -287,12 +288,12 @@ def _entries(model, create: bool):
             if entries is None and create:
                 entries = _cache[model] = collections.OrderedDict()
         except TypeError:  # not weakly referenceable: a bounded strong cache
-            entries = _strong_cache.get(id(model))
-            if entries is None and create:
-                entries = _strong_cache[id(model)] = collections.OrderedDict()
-                entries["__model__"] = model  # keeps id(model) from being reused while cached
+            held = _strong_cache.get(id(model))
+            if held is None and create:
+                held = _strong_cache[id(model)] = (model, collections.OrderedDict())
                 while len(_strong_cache) > MAX_ENTRIES:
                     _strong_cache.popitem(last=False)
+            entries = held[1] if held is not None else None
         return entries
 
 
@@ -312,7 +313,7 @@ def loop_for(model, forward, s, shape, device, opts, extra_key, check_output) ->
     if hit is not None:
         return hit
     with _lock:  # weights moved or replaced: the loops captured on the old addresses are stale
-        for k in [k for k in entries if k != "__model__" and k[0] != weights]:
+        for k in [k for k in entries if k[0] != weights]:
             del entries[k]
     capture = device.type == "cuda"
     try:
@@ -321,9 +322,8 @@ def loop_for(model, forward, s, shape, device, opts, extra_key, check_output) ->
         loop = e
     with _lock:
         entries[key] = loop
-        while sum(k != "__model__" for k in entries) > MAX_ENTRIES:
-            oldest = next(k for k in entries if k != "__model__")
-            del entries[oldest]
+        while len(entries) > MAX_ENTRIES:
+            entries.popitem(last=False)
     if isinstance(loop, CaptureError):
         raise loop
     return loop

@@ -262,6 +262,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
     opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip)
     flags = None  # graph batches: first bad step of each batch, read once at the end
+    forward = make_forward(model, model_dtype, autocast, compile)  # the eager loops' model call
     was_training = isinstance(model, nn.Module) and model.training
     if was_training:
         model.eval()  # no dropout while sampling; the caller's mode is restored below
@@ -277,7 +278,6 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
                     loop.run(seed, sample_offset + start, out[start:start + B], flags[j], bar)
                     continue
                 backend = "fused"
-            forward = make_forward(model, model_dtype, autocast, compile)
             out[start:start + B] = _sample_batch(forward, s, (B, *shape), sample_offset + start, seed, generator,
                                                  device, model_dtype, opts, bar, backend)
     finally:
@@ -328,6 +328,15 @@ def _check_output(mo, x, variance):
         raise ValueError(f"model output does not fit the sampler: {e}") from None
 
 
+def follow_layout(x, mo):
+    """x in the model output's layout when that is channels_last (else x itself): the fused
+    step kernel then walks both in memory order and never copies the output."""
+    if x.ndim == 4 and mo.ndim == 4 and not mo.is_contiguous() and \
+            mo.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def _step_fn(backend, method):
     """The step function of a backend; the fused one updates the state in place (out=x)."""
     if backend == "reference":
@@ -358,10 +367,8 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
             raise
         if first:
             _check_output(mo, x, variance)
-            if backend == "fused" and x.ndim == 4 and mo.ndim == 4 and \
-                    not mo.is_contiguous() and mo.is_contiguous(memory_format=torch.channels_last):
-                # keep the state in the model's layout, so the step kernel never copies the output
-                x = x.contiguous(memory_format=torch.channels_last)
+            if backend == "fused":
+                x = follow_layout(x, mo)
         noise, kw = None, {}
         if generator is not None:
             if draws and i > 0:

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, rng_args, split_seed
+from .common import (block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, program_coords, rng_args,
+                     split_seed)
 
 
 @triton.jit
@@ -18,12 +19,10 @@ def normal_kernel(
     out_ptr, sob, sop, N, C, HW, rng_ptr, seed_lo, seed_hi, sample_offset, tag,
     RNG_PTR: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    b, pid, _, i, mask = program_coords(rng_ptr, 0, N, False, BLOCK)  # no step index here
     k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
     z = block_noise(pid, first + b, tag, k_lo, k_hi, i, C, HW, BLOCK, LAYOUT_CL)
-    tl.store(out_ptr + offsets(b, i, sob, sop, C, LAYOUT_CL), z, mask=i < N)
+    tl.store(out_ptr + offsets(b, i, sob, sop, C, LAYOUT_CL), z, mask=mask)
 
 
 def normal_forward(out: torch.Tensor, tag: int, *, seed: int | None = None, sample_offset: int = 0,
