@@ -26,11 +26,29 @@ updated in place (an optimizer step, `copy_`) are seen by the next replay, as in
 mode. Python-level state a model's forward branches on (a flag attribute, say) is frozen
 at capture: call `clear_cache(model)` after changing it.
 
+Memory: all of a model's loops (up to MAX_ENTRIES: batch shapes, schedules, dtypes) capture
+into ONE pool. What a capture allocates there is temporaries of the loop body (activations,
+model outputs); a loop's state lives in static buffers outside the pool, so loops may reuse
+one another's blocks as long as their replays never overlap (one lock per model, and an event
+orders them across streams). Peak device memory of a model's loops: one pool as large as the
+largest loop's activations + per loop its state (B*C*H*W*4 + 8*B + 32 bytes) + the eager
+warm-up's activations in the ordinary cache. The short last batch of a call (b = n % batch_size
+samples) gets its own loop in that pool: it adds b*C*H*W*4 bytes of state, not a second set of
+activations. (Padding it to the full batch would waste (B - b) * S rows of model compute per
+call.) These follow from the caching allocator's pool semantics; the test marked gpu measures
+the pools with torch.cuda.memory_snapshot (no GPU figure was taken where this was written).
+
+Builds are serialised per model (two threads sampling one model capture once; the second
+waits and replays the first's loop), and fastddpm's captures run one at a time in the
+process, in capture_error_mode="thread_local": another thread's host synchronisation or
+cudaMalloc neither fails nor invalidates a capture.
+
 Warm-up runs the loop body eagerly on a side stream first (Triton compilation, cuDNN and
-torch.compile autotuning stay out of the capture). If the capture itself fails (the model
-synchronises with the host, branches on tensor values, copies from host memory), the
-failure is remembered for that key and `sample` falls back to the fused eager loop with one
-warning (backend="auto") or raises (backend="graph").
+torch.compile autotuning stay out of the capture). If the capture fails, `sample` falls back
+to the fused eager loop with a warning (backend="auto") or raises (backend="graph"). The
+failure is remembered for that key only when the model's own code failed (it synchronises
+with the host, branches on tensor values, copies from host memory); a transient failure (out
+of memory, a capture invalidated from outside) is not cached: the next call captures again.
 """
 from __future__ import annotations
 
@@ -51,17 +69,21 @@ CHUNK_STEPS = 10        # steps per replayed graph (see the module docstring)
 MAX_ENTRIES = 4         # cached loops per model (batch sizes, dtypes, schedules...), least recently used go
 EMULATE_ON_CPU = False  # tests: run the graph loop's body eagerly on the CPU, without capturing
 
-_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# models that cannot be weakly referenced: id -> (model, loops); the model is held so its id stays unique
+_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> _ModelGraphs
+# models that cannot be weakly referenced: id -> (model, graphs); the model is held so its id stays unique
 _strong_cache: "collections.OrderedDict" = collections.OrderedDict()
-_lock = threading.Lock()
+_lock = threading.Lock()          # guards the two dicts above and every _ModelGraphs.loops
+_capture_lock = threading.Lock()  # one capture at a time in the process
+_emulated = threading.local()     # EMULATE_ON_CPU: .capturing is True while a "capture" runs
 
 
 class CaptureError(RuntimeError):
-    """The model's forward could not be captured in a CUDA graph."""
+    """The model's forward could not be captured in a CUDA graph. `model_failed`: the model's
+    own code failed (cached: that configuration is not captured again); otherwise transient."""
 
-    def __init__(self, message):
+    def __init__(self, message, model_failed: bool = True):
         super().__init__(message)
+        self.model_failed = model_failed
         self.reported = False
 
 
@@ -72,6 +94,14 @@ def supported(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda" or (EMULATE_ON_CPU and device.type == "cpu"):
         return ops.kernels_available()
     return False, f"needs a CUDA device (it replays CUDA graphs); got device {device}"
+
+
+def capturing() -> bool:
+    """Whether this thread is capturing a CUDA graph (or, under EMULATE_ON_CPU, running the body
+    in place of a capture: tests model a forward that cannot be captured with it)."""
+    if getattr(_emulated, "capturing", False):
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def clear_cache(model=None) -> None:
@@ -90,8 +120,8 @@ def clear_cache(model=None) -> None:
 
 def cached_entries(model) -> int:
     """How many captured loops are cached for `model` (for tests and diagnostics)."""
-    entries = _entries(model, create=False)
-    return 0 if entries is None else len(entries)
+    group = _group(model, create=False)
+    return 0 if group is None else len(group.loops)
 
 
 # ----------------------------------------------------------------------------------- plan
@@ -102,7 +132,7 @@ class LoopPlan:
     begin() draws x_T and resets the index and flag; step() runs one step. Both only launch
     device work on device data, so they can be captured."""
 
-    def __init__(self, forward, s, shape, device, opts):
+    def __init__(self, forward, s, shape, device, opts, layout=torch.contiguous_format):
         from .kernels.step import step_forward
 
         self._step_forward = step_forward
@@ -111,7 +141,7 @@ class LoopPlan:
         self.S = s.num_steps
         self.device = device
         B = shape[0]
-        self.x = torch.empty(shape, dtype=torch.float32, device=device)
+        self.x = torch.empty(shape, dtype=torch.float32, device=device, memory_format=layout)
         self.i = torch.empty(B, dtype=torch.long, device=device)
         self.rng = torch.zeros(3, dtype=torch.long, device=device)
         self.flag = torch.full((), -1, dtype=torch.long, device=device)
@@ -159,51 +189,68 @@ class LoopPlan:
 
 # ----------------------------------------------------------------------------------- loop
 class GraphLoop:
-    """A LoopPlan cut into captured graphs (init, chunk of K steps, tail), replayed per batch.
-    With capture=False (EMULATE_ON_CPU) the same calls run eagerly: what tests on the CPU see."""
+    """A LoopPlan cut into captured graphs (init, chunk of K steps, tail), replayed per batch,
+    in the memory pool of its model's `group`. With capture=False (EMULATE_ON_CPU) the same
+    calls run eagerly, each "capture" running its body once: what tests on the CPU see."""
 
-    def __init__(self, plan: LoopPlan, chunk: int, capture: bool):
+    def __init__(self, plan: LoopPlan, chunk: int, group: "_ModelGraphs", capture: bool):
         self.plan = plan
+        self.group = group
         self.k = min(chunk, plan.S)
         self.n_chunks, self.tail = divmod(plan.S, self.k)
         self.capture = capture
-        self.lock = threading.Lock()
         self._init = plan.begin
         self._chunk = lambda: plan.steps(self.k)
         self._tail = lambda: plan.steps(self.tail)
         self.graphs = ()
+        self.pool = None
 
     def build(self, check_output):
-        """Warm up (eagerly, on a side stream when capturing), then capture. A failure of the
-        first model call is the model's own error and propagates; any later failure (the
-        warm-up steps, the capture) raises CaptureError, so 'auto' can fall back to fused."""
-        plan = self.plan
-        if not self.capture:
-            plan.first_call(check_output)
-            return self
-        dev = plan.device
-        with torch.cuda.device(dev):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                plan.first_call(check_output)
+        """Warm up (eagerly, on a side stream when capturing), then capture into the group's pool.
+        A failure of the first model call is the model's own error and propagates; any later
+        failure raises CaptureError (model_failed: whether the model's own code failed, see
+        _classify), so 'auto' can fall back to fused."""
+        plan, dev = self.plan, self.plan.device
+        forward, model_errors = plan.forward, []
+
+        def tracked(x, t):  # tells the model's own failures from the capture machinery's
             try:
-                with torch.cuda.stream(side):
+                return forward(x, t)
+            except Exception as e:
+                model_errors.append(e)
+                raise
+
+        with _device_ctx(dev):
+            side = torch.cuda.Stream(dev) if self.capture else None
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(dev))
+            with _stream_ctx(side):
+                plan.first_call(check_output)
+            plan.forward = tracked
+            try:
+                with _stream_ctx(side):
                     plan.begin()
                     plan.steps(min(2, plan.S))  # compiles the kernels; a compiled model's second call
-                torch.cuda.current_stream(dev).wait_stream(side)
-                torch.cuda.synchronize(dev)
-                pool = torch.cuda.graph_pool_handle()
-                graphs = [self._capture(self._init, pool), self._capture(self._chunk, pool)]
-                if self.tail:
-                    graphs.append(self._capture(self._tail, pool))
+                with _capture_lock:
+                    if self.capture:
+                        torch.cuda.current_stream(dev).wait_stream(side)
+                        torch.cuda.synchronize(dev)
+                    pool = self.group.pool(dev)
+                    graphs = [self._capture(self._init, pool), self._capture(self._chunk, pool)]
+                    if self.tail:
+                        graphs.append(self._capture(self._tail, pool))
             except Exception as e:  # noqa: BLE001 - any failure here means "run this model eagerly"
-                try:
-                    torch.cuda.synchronize(dev)
-                except Exception:  # noqa: BLE001
-                    pass
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise CaptureError(f"{type(e).__name__}: {first_line}") from e
+                if self.capture:
+                    try:
+                        torch.cuda.synchronize(dev)
+                    except Exception:  # noqa: BLE001
+                        pass
+                cause, model_failed = _classify(e, model_errors)
+                first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                raise CaptureError(f"{type(cause).__name__}: {first_line}", model_failed) from e
+            finally:
+                plan.forward = forward
+        self.pool = pool
         self.graphs = tuple(graphs)
         self._init = graphs[0].replay
         self._chunk = graphs[1].replay
@@ -211,18 +258,24 @@ class GraphLoop:
             self._tail = graphs[2].replay
         return self
 
-    @staticmethod
-    def _capture(fn, pool):
+    def _capture(self, fn, pool):
+        if not self.capture:
+            return _EmulatedGraph(fn)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
+        # thread_local: another thread's sync or cudaMalloc neither fails nor invalidates this capture
+        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
             fn()
         return g
 
     def run(self, seed: int, first_sample: int, out: torch.Tensor, flag_out: torch.Tensor, bar=None):
         """Sample one batch into out (B, C, H, W); copy the batch's first-bad-step flag into
-        flag_out (a 0-d int64 tensor). Host synchronisation only for progress, per chunk."""
-        plan = self.plan
-        with self.lock, _device_ctx(plan.device):
+        flag_out (a 0-d int64 tensor). Host synchronisation only for progress, per chunk.
+        Replays of one model's loops never overlap (they share a pool and the static buffers):
+        they are queued under the group's lock, each after the previous one's last copy."""
+        plan, group = self.plan, self.group
+        with group.replay_lock, _device_ctx(plan.device):
+            if group.last_replay is not None:
+                torch.cuda.current_stream(plan.device).wait_event(group.last_replay)
             plan.set_rng(seed, first_sample)
             self._init()
             pending = collections.deque()
@@ -238,10 +291,43 @@ class GraphLoop:
                         bar.update(done)
             out.copy_(plan.x)
             flag_out.copy_(plan.flag)
+            group.last_replay = _event(plan.device)
             for ev, done in pending:
                 if ev is not None:
                     ev.synchronize()
                 bar.update(done)
+
+
+class _EmulatedGraph:
+    """EMULATE_ON_CPU's stand-in for a captured graph: the "capture" runs the body once with
+    capturing() true (where a real capture would fail, a test model fails), replay runs it."""
+
+    def __init__(self, fn):
+        _emulated.capturing = True
+        try:
+            fn()
+        finally:
+            _emulated.capturing = False
+        self.replay = fn
+
+
+_TRANSIENT = ("out of memory", "previous error during capture", "capture invalidated", "captureinvalidated")
+
+
+def _classify(e: BaseException, model_errors: list) -> tuple[BaseException, bool]:
+    """(the error to report, whether the model's own code failed). The model failed when an
+    error it raised is in e's chain (torch.cuda.graph's exit may raise its own error on top)
+    and is not transient: out of memory, or a capture invalidated from outside (the next CUDA
+    call in the model then fails with "operation failed due to a previous error during capture")."""
+    chain, x = [], e
+    while x is not None and len(chain) < 16:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    own = next((x for x in chain if any(x is m for m in model_errors)), None)
+    if own is None:
+        return e, False
+    transient = isinstance(own, torch.cuda.OutOfMemoryError) or any(w in str(own).lower() for w in _TRANSIENT)
+    return own, not transient
 
 
 def _event(device):
@@ -264,6 +350,10 @@ def _device_ctx(device):
     return torch.cuda.device(device) if device.type == "cuda" else _NullCtx()
 
 
+def _stream_ctx(stream):
+    return torch.cuda.stream(stream) if stream is not None else _NullCtx()
+
+
 # ---------------------------------------------------------------------------------- cache
 def _schedule_key(s) -> str:
     h = hashlib.sha1()
@@ -281,58 +371,91 @@ def _weights_key(model) -> tuple:
                  for group in (mod._parameters, mod._buffers) for t in group.values() if t is not None)
 
 
-def _entries(model, create: bool):
+class _ModelGraphs:
+    """One model's captured loops (key -> GraphLoop, or the CaptureError of a configuration
+    whose model code failed; least recently used first), the memory pool they all capture
+    into, and the locks that serialise their builds and their replays."""
+
+    def __init__(self):
+        self.loops: collections.OrderedDict = collections.OrderedDict()
+        self.build_lock = threading.Lock()
+        self.replay_lock = threading.Lock()
+        self.last_replay = None  # CUDA event after the last replay's final copy
+        self._pool = None
+
+    def pool(self, device):
+        if self._pool is None:  # EMULATE_ON_CPU: a token, so tests can see that loops share it
+            self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else object()
+        return self._pool
+
+
+def _group(model, create: bool):
     with _lock:
         try:
-            entries = _cache.get(model)
-            if entries is None and create:
-                entries = _cache[model] = collections.OrderedDict()
+            group = _cache.get(model)
+            if group is None and create:
+                group = _cache[model] = _ModelGraphs()
         except TypeError:  # not weakly referenceable: a bounded strong cache
             held = _strong_cache.get(id(model))
             if held is None and create:
-                held = _strong_cache[id(model)] = (model, collections.OrderedDict())
+                held = _strong_cache[id(model)] = (model, _ModelGraphs())
                 while len(_strong_cache) > MAX_ENTRIES:
                     _strong_cache.popitem(last=False)
-            entries = held[1] if held is not None else None
-        return entries
+            group = held[1] if held is not None else None
+        return group
 
 
-def loop_for(model, forward, s, shape, device, opts, extra_key, check_output) -> GraphLoop:
-    """The cached GraphLoop for this model and configuration, built on a miss.
-    Raises CaptureError (also for a configuration whose capture failed before)."""
+def _lookup(group, key):
+    with _lock:
+        hit = group.loops.get(key)
+        if hit is not None:
+            group.loops.move_to_end(key)
+        return hit
+
+
+def loop_for(model, forward, s, shape, device, opts, extra_key, check_output,
+             layout=torch.contiguous_format) -> GraphLoop:
+    """The cached GraphLoop for this model and configuration, built on a miss (once: a thread
+    that misses while another builds waits for it). Raises CaptureError (also for a
+    configuration whose model code failed to capture before)."""
     weights = _weights_key(model)
     key = (weights, tuple(shape), str(device), _schedule_key(s), tuple(sorted(opts.items())), CHUNK_STEPS,
            extra_key)
-    entries = _entries(model, create=True)
-    with _lock:
-        hit = entries.get(key)
-        if hit is not None:
-            entries.move_to_end(key)
+    group = _group(model, create=True)
+    hit = _lookup(group, key)
+    if hit is None:
+        with group.build_lock:
+            hit = _lookup(group, key)
+            if hit is None:
+                hit = _build(group, key, weights, LoopPlan(forward, s, shape, device, opts, layout), check_output)
     if isinstance(hit, CaptureError):
         raise hit
-    if hit is not None:
-        return hit
+    return hit
+
+
+def _build(group, key, weights, plan, check_output):
     with _lock:  # weights moved or replaced: the loops captured on the old addresses are stale
-        for k in [k for k in entries if k[0] != weights]:
-            del entries[k]
-    capture = device.type == "cuda"
+        for k in [k for k in group.loops if k[0] != weights]:
+            del group.loops[k]
+    loop = GraphLoop(plan, CHUNK_STEPS, group, capture=plan.device.type == "cuda")
     try:
-        loop = GraphLoop(LoopPlan(forward, s, shape, device, opts), CHUNK_STEPS, capture).build(check_output)
+        loop.build(check_output)
     except CaptureError as e:
+        if not e.model_failed:
+            raise  # transient (out of memory, invalidated from outside): not cached, the next call retries
         loop = e
     with _lock:
-        entries[key] = loop
-        while len(entries) > MAX_ENTRIES:
-            entries.popitem(last=False)
-    if isinstance(loop, CaptureError):
-        raise loop
+        group.loops[key] = loop
+        while len(group.loops) > MAX_ENTRIES:
+            group.loops.popitem(last=False)
     return loop
 
 
 def warn_fallback(err: CaptureError):
-    """One warning per failed configuration."""
+    """One warning per failed configuration (per failure when transient)."""
     if not err.reported:
         err.reported = True
+        again = "" if err.model_failed else " this time (a transient failure: the next call captures again)"
         warnings.warn(f"fastddpm.sample: the model could not be captured in a CUDA graph ({err}); using "
-                      "backend='fused' (same samples, eager loop). Pass backend='fused' to silence this.",
+                      f"backend='fused'{again} (same samples, eager loop). Pass backend='fused' to silence this.",
                       RuntimeWarning, stacklevel=3)

@@ -21,6 +21,9 @@ flag holding the first bad step, read once per batch (once per call for graph ba
 """
 from __future__ import annotations
 
+import collections
+import types
+import warnings
 import weakref
 
 import torch
@@ -153,40 +156,92 @@ def _weak(model):
         return lambda: model
 
 
+COMPILE_BACKEND = "inductor"  # compile=True's torch.compile backend (tests count compiles with a cheap one)
 _compiled_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_strong_compiled: "collections.OrderedDict" = collections.OrderedDict()  # id -> (model, call): not weakrefable
 
 
 def _compiled_call(model):
     """torch.compile (default mode: fused kernels, no CUDA graphs of its own) of the model call,
-    built once per model. It reaches the model through a weak reference, so the cache does not
-    keep the model alive."""
+    built once per model, as a function with ITS OWN code object: Dynamo keeps its cache and its
+    recompile limit (torch._dynamo.config.recompile_limit, 8) per code object, so one function
+    shared by all models would spend one budget on all of them. Past the limit Dynamo runs the
+    call uncompiled: the body then sees torch.compiler.is_compiling() false (Dynamo folds it to
+    True in what it compiles) and warns, once per model. It reaches the model through a weak
+    reference, so the cache does not keep the model alive."""
     try:
         hit = _compiled_calls.get(model)
     except TypeError:
-        hit = None
+        hit = _strong_compiled.get(id(model), (None, None))[1]
     if hit is None:
-        ref = _weak(model)
-        hit = torch.compile(lambda x, t: call_model(ref(), x, t), dynamic=False)
+        ref, warned = _weak(model), []
+
+        def model_call(x, t):
+            if not torch.compiler.is_compiling():  # only reached when Dynamo did not compile this call
+                _warn_uncompiled(ref(), warned)
+            return call_model(ref(), x, t)
+
+        name = f"fastddpm_model_call_{id(model):x}"
+        code = model_call.__code__.replace(co_name=name)
+        own = types.FunctionType(code, model_call.__globals__, name, None, model_call.__closure__)
+        hit = torch.compile(own, backend=COMPILE_BACKEND, dynamic=False)
         try:
             _compiled_calls[model] = hit
         except TypeError:
-            pass
+            _strong_compiled[id(model)] = (model, hit)
+            while len(_strong_compiled) > 8:
+                _strong_compiled.popitem(last=False)
     return hit
 
 
-def make_forward(model, model_dtype, autocast, compile=False, cache_casts=True):
+def _warn_uncompiled(model, warned):
+    if not warned:
+        warned.append(True)
+        cfg = torch._dynamo.config
+        limit = getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", "?"))  # renamed in torch 2.7
+        warnings.warn(f"fastddpm.sample(compile=True): torch.compile ran this {type(model).__name__}'s call "
+                      "uncompiled (Dynamo's recompile limit, torch._dynamo.config.recompile_limit = "
+                      f"{limit}, reached for this model, or Dynamo disabled); "
+                      "set TORCH_LOGS=recompiles to see why it recompiled", RuntimeWarning, stacklevel=2)
+
+
+def make_forward(model, model_dtype, autocast, compile=False, batch=None):
     """forward(x float32, t) -> model output: x cast to the model's dtype, autocast when the
-    weights are float32 and dtype= asked for half precision (cache_casts=False inside CUDA
-    graphs: autocast's cast cache must not outlive a capture), no autograd."""
+    weights are float32 and dtype= asked for half precision, no autograd.
+
+    One autocast setting everywhere (its weight-cast cache off): the cache lives for one call
+    only (the context is entered per call), must not outlive a CUDA-graph capture, and Dynamo
+    guards on the flag, so a second setting would recompile a compiled model.
+    compile=True: batches smaller than `batch` (a call's short last batch) are marked dynamic
+    along dim 0, so every short batch of a model shares one compiled graph (Dynamo still
+    specialises a batch of 1)."""
     ref = _weak(model)
     call = _compiled_call(model) if compile else (lambda x, t: call_model(ref(), x, t))
 
     def forward(x, t):
-        with torch.autocast(x.device.type, dtype=model_dtype, enabled=autocast, cache_enabled=cache_casts), \
+        xm = x.to(model_dtype)
+        if compile:
+            t = t.contiguous()  # the eager loops' t is an expanded scalar: one stride for Dynamo's guards
+            if batch is not None and x.shape[0] < batch:
+                torch._dynamo.maybe_mark_dynamic(xm, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        with torch.autocast(x.device.type, dtype=model_dtype, enabled=autocast, cache_enabled=False), \
                 torch.no_grad():
-            return call(x.to(model_dtype), t)
+            return call(xm, t)
 
     return forward
+
+
+def input_layout(model, shape) -> torch.memory_format:
+    """The memory format the sampler state x starts in: channels_last when the model's conv
+    weights are (model.to(memory_format=torch.channels_last)), so a compiled model sees one
+    layout from its first call on; contiguous otherwise. After the first call x follows the
+    output's layout (follow_layout)."""
+    if len(shape) == 3 and isinstance(model, nn.Module):
+        for p in model.parameters():
+            if p.ndim == 4 and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last):
+                return torch.contiguous_format if p.is_contiguous() else torch.channels_last
+    return torch.contiguous_format
 
 
 def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps: int | None = None,
@@ -262,7 +317,9 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
     opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip)
     flags = None  # graph batches: first bad step of each batch, read once at the end
-    forward = make_forward(model, model_dtype, autocast, compile)  # the eager loops' model call
+    full = min(batch_size, n)  # every batch but a short last one
+    layout = input_layout(model, shape)
+    forward = make_forward(model, model_dtype, autocast, compile, full)  # the eager loops' model call
     was_training = isinstance(model, nn.Module) and model.training
     if was_training:
         model.eval()  # no dropout while sampling; the caller's mode is restored below
@@ -270,8 +327,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         for j, start in enumerate(starts):
             B = min(batch_size, n - start)
             if backend == "graph":
-                loop = _graph_loop(model, s, (B, *shape), device, model_dtype, autocast, opts, compile,
-                                   explicit=requested == "graph")
+                loop = _graph_loop(model, s, (B, *shape), device, model_dtype, autocast, opts, compile, full,
+                                   layout, explicit=requested == "graph")
                 if loop is not None:
                     if flags is None:
                         flags = torch.full((len(starts),), -1, dtype=torch.long, device=device)
@@ -279,7 +336,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
                     continue
                 backend = "fused"
             out[start:start + B] = _sample_batch(forward, s, (B, *shape), sample_offset + start, seed, generator,
-                                                 device, model_dtype, opts, bar, backend)
+                                                 device, model_dtype, opts, bar, backend, layout)
     finally:
         if was_training:
             model.train()
@@ -293,14 +350,14 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     return out
 
 
-def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, explicit):
+def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, full, layout, explicit):
     """The cached captured loop, or None after a capture failure under backend='auto' (warned once)."""
     from . import graphs
 
-    forward = make_forward(model, model_dtype, autocast, compile, cache_casts=False)
+    forward = make_forward(model, model_dtype, autocast, compile, full)
     try:
-        return graphs.loop_for(model, forward, s, shape, device, opts, (model_dtype, autocast, compile),
-                               lambda mo, x: _check_output(mo, x, opts["variance"]))
+        return graphs.loop_for(model, forward, s, shape, device, opts, (model_dtype, autocast, compile, layout),
+                               lambda mo, x: _check_output(mo, x, opts["variance"]), layout)
     except graphs.CaptureError as e:
         if explicit:
             raise RuntimeError(f"backend='graph': the model could not be captured in a CUDA graph ({e}); "
@@ -347,11 +404,13 @@ def _step_fn(backend, method):
     return lambda s, x, *args, **kw: fn(s, x, *args, out=x, **kw)
 
 
-def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype, opts, bar, backend):
+def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype, opts, bar, backend,
+                  layout=torch.contiguous_format):
     B = shape[0]
     method, variance = opts["method"], opts["variance"]
     step = _step_fn(backend, method)
     x = _initial_noise(shape, start, seed, generator, device, model_dtype)  # (B, C, H, W) float32
+    x = x.contiguous(memory_format=layout)
     timesteps = s.timesteps_on(device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     draws = method == "ddpm" or opts["eta"] > 0

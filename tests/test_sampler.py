@@ -1,9 +1,11 @@
 """fastddpm.sample (reference backend): statistics on exact-eps Gaussian data, batching,
 noise sources, diffusers models, non-finite detection, argument errors."""
 import math
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import fastddpm
 from fastddpm import Schedule
@@ -237,3 +239,81 @@ def test_fused_loop_follows_a_channels_last_model():
     ref = fastddpm.sample(m, 3, steps=4, seed=2, backend="reference")
     got = fastddpm.sample(m, 3, steps=4, seed=2, backend="fused")
     assert (got - ref).norm() / ref.norm() < 1e-5
+
+
+# ------------------------------------------------------------------ compile=True recompiles
+class ConvEps(nn.Module):
+    """A small conv model: cheap for Dynamo to trace, and its weights can be channels_last."""
+
+    def __init__(self, channels=2):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, t):
+        return 0.1 * self.conv(x) + (t.float() / 1000).view(-1, 1, 1, 1)
+
+
+@pytest.fixture
+def count_compiles(monkeypatch):
+    """compile=True with Dynamo's real cache and guards but the cheap 'eager' backend, counting
+    compiles (frames Dynamo hands to the backend); graph backend emulated on the CPU."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fastddpm import graphs, sampler
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU emulation of the graph loop")
+    counter = CompileCounter()
+    monkeypatch.setattr(sampler, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    monkeypatch.setattr(graphs, "CHUNK_STEPS", 2)
+    torch._dynamo.reset()
+    graphs.clear_cache()
+    yield counter
+    graphs.clear_cache()
+    torch._dynamo.reset()
+
+
+def test_compile_true_compiles_once_per_model_and_configuration(count_compiles, monkeypatch):
+    """Per model: one compile for the full batch, one for the short last batch (marked dynamic),
+    shared by the fused and graph loops (one autocast setting, one t layout), none for the
+    channels_last switch (x starts in the weights' layout), none on repeated calls. Always
+    default mode: our loop owns the CUDA graphs."""
+    modes = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or real_compile(fn, **kw))
+    models = [ConvEps(), ConvEps(), ConvEps().to(memory_format=torch.channels_last)]
+    kw = dict(shape=(2, 5, 7), steps=3, batch_size=3, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # never "ran uncompiled"
+        for m in models:
+            plain = fastddpm.sample(m, 5, backend="fused", **kw)
+            for _ in range(2):
+                for backend in ("graph", "fused"):
+                    for n in (5, 8):  # short last batches of 2 (n=5: samples 3, 4; n=8: 6, 7)
+                        got = fastddpm.sample(m, n, backend=backend, compile=True, **kw)
+                        torch.testing.assert_close(got[:5], plain, rtol=1e-6, atol=1e-6)
+    assert count_compiles.frame_count == 2 * len(models)
+    assert modes == [None] * len(models)  # one compiled callable per model, default mode
+
+
+def test_models_do_not_share_a_recompile_budget(count_compiles):
+    """More models than Dynamo's recompile limit (8 per code object), each of its own shape:
+    each has its own code object, so every one is compiled (no fallback, no warning)."""
+    limit = torch._dynamo.config.recompile_limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(limit + 2):
+            fastddpm.sample(ConvEps(), 2, shape=(2, 3 + k, 5), steps=2, backend="fused", compile=True)
+    assert count_compiles.frame_count == limit + 2
+
+
+def test_compile_true_warns_when_dynamo_runs_the_model_uncompiled(count_compiles, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    m = ConvEps()
+    fastddpm.sample(m, 2, shape=(2, 5, 7), steps=2, backend="fused", compile=True)
+    with pytest.warns(RuntimeWarning, match=r"compile=True.*ran this ConvEps's call uncompiled.*recompile_limit = 1"):
+        got = fastddpm.sample(m, 3, shape=(2, 5, 7), steps=2, backend="fused", compile=True)
+    ref = fastddpm.sample(m, 3, shape=(2, 5, 7), steps=2, backend="fused")
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert count_compiles.frame_count == 1
