@@ -6,7 +6,10 @@ eagerly under the Triton interpreter with graphs.EMULATE_ON_CPU, and must give t
 and reference backends' samples; the cache, the fallback and the argument errors are
 checked there too. GPU (@pytest.mark.gpu): the real captures.
 """
+import collections
 import gc
+import threading
+import time
 import warnings
 import weakref
 
@@ -28,6 +31,17 @@ def gaussian_model():
     mu = torch.linspace(-0.8, 0.8, 12).reshape(SHAPE)
     sd = torch.linspace(0.2, 1.0, 12).reshape(SHAPE)
     return s, GaussianDataModel(s, mu, sd)
+
+
+class ConvEps(nn.Module):
+    """A small conv model (cheap for Dynamo to trace)."""
+
+    def __init__(self, channels=2):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, t):
+        return 0.1 * self.conv(x) + (t.float() / 1000).view(-1, 1, 1, 1)
 
 
 def rel(a, b):
@@ -142,15 +156,18 @@ def test_cache_reuse_invalidation_and_bound(emulate, monkeypatch):
 
 
 def test_cache_does_not_keep_the_model_alive(emulate, monkeypatch):
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled-call cache is covered too
-    m = fastddpm.UNet.from_preset("tiny").eval()
-    fastddpm.sample(m, 2, steps=2, backend="graph")
-    fastddpm.sample(m, 2, steps=2, backend="graph", compile=True)
+    from fastddpm import sampler
+
+    monkeypatch.setattr(sampler, "COMPILE_BACKEND", "eager")  # Dynamo's own caches are covered too
+    m = ConvEps()
+    fastddpm.sample(m, 2, shape=(2, 5, 7), steps=2, backend="graph")
+    fastddpm.sample(m, 2, shape=(2, 5, 7), steps=2, backend="graph", compile=True)
     assert graphs.cached_entries(m) == 2
     ref = weakref.ref(m)
     del m
     gc.collect()
     assert ref() is None
+    torch._dynamo.reset()
 
 
 def test_capture_failure_falls_back_with_one_warning(emulate, monkeypatch):
@@ -176,6 +193,123 @@ def test_capture_failure_falls_back_with_one_warning(emulate, monkeypatch):
         fastddpm.sample(model, 3, backend="graph", **kw)
 
 
+@pytest.fixture
+def serial_interpreter(monkeypatch):
+    """The Triton interpreter is not thread-safe (one global grid index, triton.language patched
+    per launch): tests with threads run its launches one at a time. GPU launches need no lock."""
+    from triton.runtime import interpreter
+
+    lock, real = threading.RLock(), interpreter.GridExecutor.__call__
+
+    def serial(self, *args, **kwargs):
+        with lock:
+            return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", serial)
+
+
+def test_two_threads_sampling_one_model_capture_once(emulate, serial_interpreter, monkeypatch):
+    s, model = gaussian_model()
+    kw = dict(schedule=s, steps=7, batch_size=2, backend="graph")
+    alone = {seed: fastddpm.sample(model, 3, seed=seed, **kw) for seed in (1, 2)}
+    graphs.clear_cache()
+    builds, real_build = [], graphs.GraphLoop.build
+
+    def slow_build(self, check):
+        builds.append(self.plan.x.shape[0])
+        time.sleep(0.3)  # the other thread arrives while this one builds
+        return real_build(self, check)
+
+    monkeypatch.setattr(graphs.GraphLoop, "build", slow_build)
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def worker(seed):
+        try:
+            barrier.wait()
+            results[seed] = fastddpm.sample(model, 3, seed=seed, **kw)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert sorted(builds) == [1, 2]  # the batch of 2 and the short batch of 1, each built once
+    for seed in (1, 2):
+        torch.testing.assert_close(results[seed], alone[seed], rtol=0, atol=0)
+
+
+class FailsInCapture(nn.Module):
+    """`inner`, but raising make_error() while a graph is captured, the first `times` times."""
+
+    def __init__(self, inner, make_error, times):
+        super().__init__()
+        self.inner, self.make_error, self.times, self.failures = inner, make_error, times, 0
+
+    def forward(self, x, t):
+        if graphs.capturing() and self.failures < self.times:
+            self.failures += 1
+            raise self.make_error()
+        return self.inner(x, t)
+
+
+def test_a_failure_is_cached_only_when_the_models_own_code_failed(emulate, monkeypatch):
+    monkeypatch.setattr(graphs, "supported", lambda device: (True, ""))  # 'auto' picks graph on the CPU
+    s, inner = gaussian_model()
+    kw = dict(shape=SHAPE, schedule=s, steps=6, seed=3, batch_size=3, backend="auto")
+    fused = fastddpm.sample(inner, 3, **{**kw, "backend": "fused"})
+    # the model syncs with the host: it cannot be captured, and that is remembered
+    syncs = "CUDA error: operation not permitted when stream is capturing"
+    m = FailsInCapture(inner, lambda: RuntimeError(syncs), 9)
+    with pytest.warns(RuntimeWarning, match=f"could not be captured in a CUDA graph .RuntimeError: {syncs}"):
+        torch.testing.assert_close(fastddpm.sample(m, 3, **kw), fused, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastddpm.sample(m, 3, **kw)
+    assert m.failures == 1
+    # transient: a capture invalidated from outside, out of memory: not remembered, captured next call
+    for make_error in (lambda: RuntimeError("CUDA error: operation failed due to a previous error during capture"),
+                       lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+        graphs.clear_cache()
+        m = FailsInCapture(inner, make_error, 1)
+        with pytest.warns(RuntimeWarning, match="this time .a transient failure: the next call captures again"):
+            torch.testing.assert_close(fastddpm.sample(m, 3, **kw), fused, rtol=0, atol=0)
+        assert graphs.cached_entries(m) == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = fastddpm.sample(m, 3, **kw)
+        assert graphs.cached_entries(m) == 1 and m.failures == 1
+        assert rel(got, fused) < 1e-6
+
+
+def test_a_model_error_under_the_capture_exit_error_is_the_models():
+    own = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    try:
+        try:
+            raise own
+        except RuntimeError:  # what torch.cuda.graph's exit raises on top of it
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
+    except RuntimeError as e:
+        outer = e
+    assert graphs._classify(outer, [own]) == (own, True)
+    assert graphs._classify(outer, []) == (outer, False)  # not the model's code: transient
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert graphs._classify(oom, [oom]) == (oom, False)
+
+
+def test_a_models_loops_share_one_pool(emulate):
+    s, model = gaussian_model()
+    fastddpm.sample(model, 5, schedule=s, steps=4, batch_size=3, seed=0, backend="graph")  # batch 3, short 2
+    fastddpm.sample(model, 2, schedule=s, steps=5, seed=0, backend="graph")  # another schedule
+    loops = list(graphs._group(model, create=False).loops.values())
+    assert len(loops) == 3 and len({id(loop.pool) for loop in loops}) == 1
+    other = gaussian_model()[1]
+    fastddpm.sample(other, 2, schedule=s, steps=4, seed=0, backend="graph")
+    assert next(iter(graphs._group(other, create=False).loops.values())).pool is not loops[0].pool
+
+
 def test_non_finite_state_raises_with_step_and_batch(emulate):
     s = Schedule.linear(20)
 
@@ -192,23 +326,6 @@ def test_progress_is_reported_per_chunk(emulate, capsys):
     s, model = gaussian_model()
     fastddpm.sample(model, 3, schedule=s, steps=12, batch_size=2, backend="graph", progress=True)
     assert "24/24" in capsys.readouterr().err
-
-
-def test_compile_true_compiles_once_per_model_in_default_mode(emulate, monkeypatch):
-    calls = []
-
-    def fake_compile(fn, **kw):
-        calls.append(kw)
-        return fn
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    m = fastddpm.UNet.from_preset("tiny").eval()
-    plain = fastddpm.sample(m, 2, steps=3, backend="graph")
-    for backend in ("graph", "fused", "reference"):
-        got = fastddpm.sample(m, 2, steps=3, backend=backend, compile=True)
-        assert rel(got, plain) < 1e-5
-    assert len(calls) == 1  # one compiled call, reused by every backend and call
-    assert calls[0].get("mode") in (None, "default")  # never reduce-overhead: our loop owns the graphs
 
 
 def test_bf16_model_dtype_under_the_graph_loop(emulate):
@@ -264,7 +381,7 @@ def test_gpu_second_call_replays_the_cached_graph(monkeypatch):
     a = fastddpm.sample(m, 4, steps=12, backend="graph", seed=1)
     b = fastddpm.sample(m, 4, steps=12, backend="fused", seed=1)
     assert rel(a, b) < 1e-4
-    loop = next(v for v in graphs._cache[m].values())
+    loop = next(v for v in graphs._cache[m].loops.values())
     assert len(loop.graphs) == 3  # init, chunk of 10, tail of 2
 
 
@@ -333,3 +450,60 @@ def test_gpu_non_finite_is_caught_inside_the_graph():
 
     with pytest.raises(FloatingPointError, match="step 40"):
         fastddpm.sample(model, 2, shape=(1, 4, 4), schedule=s, backend="graph", device="cuda")
+
+
+def _pool_bytes():
+    """Bytes reserved in CUDA-graph private pools, by pool id."""
+    by_pool = collections.Counter()
+    for seg in torch.cuda.memory_snapshot():
+        pool = tuple(seg.get("segment_pool_id", (0, 0)))
+        if pool != (0, 0):
+            by_pool[pool] += seg["total_size"]
+    return by_pool
+
+
+@pytest.mark.gpu
+def test_gpu_short_last_batch_captures_into_the_same_pool():
+    """31 samples in batches of 16: the short batch of 15 gets its own loop, whose activations
+    fit in the pool the batch of 16 already holds (a pool per loop nearly doubled it)."""
+    graphs.clear_cache()
+    torch.cuda.empty_cache()
+    m = gpu_model("fastddpm")
+    kw = dict(steps=10, seed=0, batch_size=16, backend="graph")
+    full = fastddpm.sample(m, 16, **kw)
+    one = _pool_bytes()
+    both = fastddpm.sample(m, 31, **kw)
+    two = _pool_bytes()
+    assert graphs.cached_entries(m) == 2
+    assert len(one) == 1 and len(two) == 1, (one, two)
+    assert sum(two.values()) <= 1.1 * sum(one.values()) + 2**21, (one, two)
+    assert rel(both[:16], full) < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_two_threads_sampling_one_model_capture_once(monkeypatch):
+    graphs.clear_cache()
+    m = gpu_model("fastddpm")
+    kw = dict(steps=12, batch_size=4, backend="graph")
+    alone = {seed: fastddpm.sample(m, 6, seed=seed, **kw) for seed in (1, 2)}
+    graphs.clear_cache()
+    builds, real_build = [], graphs.GraphLoop.build
+    monkeypatch.setattr(graphs.GraphLoop, "build", lambda self, check: builds.append(1) or real_build(self, check))
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def worker(seed):
+        try:
+            barrier.wait()
+            results[seed] = fastddpm.sample(m, 6, seed=seed, **kw)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert len(builds) == 2  # batch 4 and the short batch of 2, once each
+    for seed in (1, 2):
+        assert rel(results[seed], alone[seed]) < 1e-6
