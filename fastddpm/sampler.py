@@ -22,6 +22,7 @@ flag holding the first bad step, read once per batch (once per call for graph ba
 from __future__ import annotations
 
 import collections
+import threading
 import types
 import warnings
 import weakref
@@ -159,6 +160,7 @@ def _weak(model):
 COMPILE_BACKEND = "inductor"  # compile=True's torch.compile backend (tests count compiles with a cheap one)
 _compiled_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _strong_compiled: "collections.OrderedDict" = collections.OrderedDict()  # id -> (model, call): not weakrefable
+_compile_lock = threading.Lock()  # two threads sampling one model build one compiled call
 
 
 def _compiled_call(model):
@@ -169,29 +171,36 @@ def _compiled_call(model):
     call uncompiled: the body then sees torch.compiler.is_compiling() false (Dynamo folds it to
     True in what it compiles) and warns, once per model. It reaches the model through a weak
     reference, so the cache does not keep the model alive."""
+    with _compile_lock:
+        return _compiled_calls_get(model) or _new_compiled_call(model)
+
+
+def _compiled_calls_get(model):
     try:
-        hit = _compiled_calls.get(model)
+        return _compiled_calls.get(model)
     except TypeError:
-        hit = _strong_compiled.get(id(model), (None, None))[1]
-    if hit is None:
-        ref, warned = _weak(model), []
+        return _strong_compiled.get(id(model), (None, None))[1]
 
-        def model_call(x, t):
-            if not torch.compiler.is_compiling():  # only reached when Dynamo did not compile this call
-                _warn_uncompiled(ref(), warned)
-            return call_model(ref(), x, t)
 
-        name = f"fastddpm_model_call_{id(model):x}"
-        code = model_call.__code__.replace(co_name=name)
-        own = types.FunctionType(code, model_call.__globals__, name, None, model_call.__closure__)
-        hit = torch.compile(own, backend=COMPILE_BACKEND, dynamic=False)
-        try:
-            _compiled_calls[model] = hit
-        except TypeError:
-            _strong_compiled[id(model)] = (model, hit)
-            while len(_strong_compiled) > 8:
-                _strong_compiled.popitem(last=False)
-    return hit
+def _new_compiled_call(model):
+    ref, warned = _weak(model), []
+
+    def model_call(x, t):
+        if not torch.compiler.is_compiling():  # only reached when Dynamo did not compile this call
+            _warn_uncompiled(ref(), warned)
+        return call_model(ref(), x, t)
+
+    name = f"fastddpm_model_call_{id(model):x}"
+    code = model_call.__code__.replace(co_name=name)
+    own = types.FunctionType(code, model_call.__globals__, name, None, model_call.__closure__)
+    call = torch.compile(own, backend=COMPILE_BACKEND, dynamic=False)
+    try:
+        _compiled_calls[model] = call
+    except TypeError:
+        _strong_compiled[id(model)] = (model, call)
+        while len(_strong_compiled) > 8:
+            _strong_compiled.popitem(last=False)
+    return call
 
 
 def _warn_uncompiled(model, warned):
