@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from . import rng
+from .layout import follow_layout
 
 __all__ = ["supported", "clear_cache", "CaptureError", "CHUNK_STEPS"]
 
@@ -182,8 +183,6 @@ class LoopPlan:
         t = torch.index_select(self.timesteps, 0, self.i)
         mo = self.forward(self.x, t)
         check_output(mo, self.x)
-        from .sampler import follow_layout
-
         self.x = follow_layout(self.x, mo)
 
 

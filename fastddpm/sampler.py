@@ -32,6 +32,7 @@ from torch import nn
 
 from . import _checks as C
 from . import diffusion, rng
+from .layout import follow_layout
 from .schedule import Schedule
 
 __all__ = ["sample", "call_model", "resolve_backend", "make_forward"]
@@ -392,15 +393,6 @@ def _check_output(mo, x, variance):
         C.check_model_output(mo, x, variance)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model output does not fit the sampler: {e}") from None
-
-
-def follow_layout(x, mo):
-    """x in the model output's layout when that is channels_last (else x itself): the fused
-    step kernel then walks both in memory order and never copies the output."""
-    if x.ndim == 4 and mo.ndim == 4 and not mo.is_contiguous() and \
-            mo.is_contiguous(memory_format=torch.channels_last):
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def _step_fn(backend, method):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .diffusers_schedule import schedule_from_diffusers
+
 __all__ = ["Schedule", "SPACINGS", "ROW"]
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -148,8 +150,6 @@ class Schedule:
         If `scheduler.set_timesteps(k)` was called, the result is respaced to exactly
         `scheduler.timesteps`. See `fastddpm.compat` for the options that are honoured.
         """
-        from .compat import schedule_from_diffusers
-
         return schedule_from_diffusers(cls, scheduler)
 
     # ------------------------------------------------------------------ respacing

@@ -1,0 +1,77 @@
+"""Reading a diffusers scheduler's configuration: its betas and respacing (for
+`Schedule.from_diffusers`) and its sampler options in fastddpm's terms.
+
+This module sits below `fastddpm.schedule` (it imports nothing of fastddpm; the Schedule
+class is passed in), so data flows one way: diffusers_schedule -> schedule -> compat.
+`fastddpm.compat` re-exports these names; see its docstring for what is honoured and refused.
+"""
+from __future__ import annotations
+
+import torch
+
+PREDICTION_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+VARIANCE_FROM_DIFFUSERS = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
+                           "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
+                           "learned_range": "learned_range"}
+
+
+def _cfg(scheduler, name, default=None):
+    cfg = getattr(scheduler, "config", None)
+    if cfg is None:
+        return default
+    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+
+
+def schedule_from_diffusers(cls, scheduler):
+    kind = type(scheduler).__name__
+    betas = getattr(scheduler, "betas", None)
+    T = _cfg(scheduler, "num_train_timesteps")
+    if betas is None or T is None:
+        raise TypeError(f"scheduler must be a diffusers DDPMScheduler or DDIMScheduler; got {kind}")
+    if _cfg(scheduler, "thresholding", False):
+        raise NotImplementedError(f"{kind} has thresholding=True (dynamic thresholding); fastddpm supports "
+                                  "fixed clipping only (clip=)")
+    if _cfg(scheduler, "rescale_betas_zero_snr", False):
+        raise NotImplementedError(f"{kind} has rescale_betas_zero_snr=True (alphas_cumprod reaches 0); "
+                                  "not supported")
+    is_ddim = "DDIM" in kind
+    if is_ddim and not _cfg(scheduler, "set_alpha_to_one", True):
+        raise NotImplementedError("DDIMScheduler has set_alpha_to_one=False (the last step's abar_prev is "
+                                  "alphas_cumprod[0], not 1); fastddpm's step 0 always uses abar_prev = 1")
+    options = sampler_options(scheduler)
+    base = cls.from_betas(torch.as_tensor(betas).double(), num_train_timesteps=int(T))
+    base.source_options = options
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        return base
+    ts = torch.as_tensor(scheduler.timesteps).long().cpu()
+    idx = torch.sort(ts).values
+    k = idx.numel()
+    if is_ddim:
+        prev = idx[1:] - int(T) // k
+        if not torch.equal(prev, idx[:-1]) or int(idx[0]) - int(T) // k >= 0:
+            raise NotImplementedError(
+                f"DDIMScheduler steps {idx[:4].tolist()}... are not uniformly spaced by T // k = {int(T) // k} "
+                f"down to t < 0 (timestep_spacing={_cfg(scheduler, 'timestep_spacing')!r}); diffusers' DDIM would "
+                "step between timesteps that are not its kept ones. Use 'leading' or 'trailing' spacing")
+    s = base.select(idx)
+    s.source_options = options
+    return s
+
+
+def sampler_options(scheduler) -> dict:
+    """prediction / variance / clip / method of a diffusers scheduler, in fastddpm's terms."""
+    kind = type(scheduler).__name__
+    pt = _cfg(scheduler, "prediction_type", "epsilon")
+    if pt not in PREDICTION_FROM_DIFFUSERS:
+        raise NotImplementedError(f"{kind} prediction_type={pt!r} is not supported; "
+                                  f"supported: {sorted(PREDICTION_FROM_DIFFUSERS)}")
+    opts = {"prediction": PREDICTION_FROM_DIFFUSERS[pt],
+            "clip": float(_cfg(scheduler, "clip_sample_range", 1.0)) if _cfg(scheduler, "clip_sample", True) else None,
+            "method": "ddim" if "DDIM" in kind else "ddpm"}
+    if opts["method"] == "ddpm":
+        vt = _cfg(scheduler, "variance_type", "fixed_small") or "fixed_small"
+        if vt not in VARIANCE_FROM_DIFFUSERS:
+            raise NotImplementedError(f"{kind} variance_type={vt!r} is not supported; supported: "
+                                      f"{sorted(VARIANCE_FROM_DIFFUSERS)}")
+        opts["variance"] = VARIANCE_FROM_DIFFUSERS[vt]
+    return opts
