@@ -128,3 +128,19 @@ def check_sample_offset(sample_offset):
     if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or not 0 <= sample_offset < 2**32:
         raise ValueError(f"sample_offset must be an int in [0, 2**32); got {sample_offset!r}")
     return sample_offset
+
+
+def check_device(device, name="device"):
+    """A torch.device that exists on this machine, or a ValueError naming the argument."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={str(device)!r} but CUDA is not available on this machine "
+                             f"(torch.cuda.is_available() is False); pass {name}='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s) (indices 0..{torch.cuda.device_count() - 1})")
+    return dev

@@ -72,13 +72,18 @@ def _infer_shape(model):
 
 
 def _resolve_shape(model, shape):
+    configured = _infer_shape(model)
     if shape is None:
-        shape = _infer_shape(model)
-        if shape is None:
+        if configured is None:
             raise ValueError("shape is required for this model: pass shape=(C, H, W)")
+        return configured
     shape = tuple(shape)
     if len(shape) < 1 or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape):
         raise ValueError(f"shape must be a tuple of positive ints (C, H, W); got {shape!r}")
+    if configured is not None and shape != configured:
+        warnings.warn(f"shape={shape} differs from the model's configured sample shape {configured}: the model was "
+                      "trained at that size, so samples at another size are not what it learned; leave shape= out "
+                      "to use the configured one", UserWarning, stacklevel=3)
     return shape
 
 
@@ -95,7 +100,7 @@ def _resolve_device_dtype(model, device, dtype):
     p = _model_params(model)
     if device is None:
         device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = C.check_device(device)
     if p is not None and (p.device.type != device.type or device.index not in (None, p.device.index)):
         raise ValueError(f"device={device} but the model's parameters are on {p.device}; move the model or "
                          f"pass device={p.device}")
@@ -256,7 +261,7 @@ def input_layout(model, shape) -> torch.memory_format:
 
 def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps: int | None = None,
            method: str = "ddpm", eta: float = 0.0, prediction: str = "eps", variance: str = "fixed_small",
-           clip: float | None = 1.0, seed: int | None = 0, generator: torch.Generator | None = None,
+           clip: float | None = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
            batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
            progress: bool = False, sample_offset: int = 0, compile: bool = False) -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
@@ -267,7 +272,13 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     schedule: the training schedule (default: model.fastddpm_schedule or linear(1000));
         steps=k respaces it to k steps ("leading").
     method: "ddpm" (ancestral; `variance` applies) or "ddim" (`eta` applies).
-    seed / generator: noise source (see module docstring); generator takes precedence.
+    steps: respace the schedule to this many steps (a positive int); None (default) runs all of
+        the schedule's steps. (The CLI's `--steps all` is the same.)
+    eta: DDIM only (0 = deterministic); a nonzero eta with another method is an error.
+    seed / generator: noise source (see module docstring): seed=<int> for the counter-based
+        stream, or generator=<torch.Generator> for torch draws; not both. Neither: seed 0's stream.
+    shape: a shape other than the model's configured one (model.config) is sampled, with a
+        warning: the model was trained at its configured size.
     batch_size: images per model call (default min(n, 256)).
     dtype: precision of the model call (autocast when the model's weights are float32, which
         re-casts the weights every step: a model cast to bf16 itself is faster);
@@ -279,6 +290,10 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         model cannot be captured; fused with generator=; reference on the CPU).
     compile: run the model through torch.compile (default mode: its fused kernels, no CUDA
         graphs of its own) inside our loop, graphed or not. Compiled once per model.
+    device: where to sample (default: the model's parameters' device, else the CPU); a CUDA
+        device on a machine without CUDA is a ValueError.
+    progress: True shows a tqdm bar over every step of the call; or pass your own bar (an
+        object with .update(k), e.g. tqdm) to count the steps of several calls on one bar.
     sample_offset: seed mode only: return samples sample_offset .. sample_offset + n - 1 of
         the seed's stream (sample i is the same image in any call), e.g. a shard of a
         distributed run (see fastddpm.distributed).
@@ -291,20 +306,31 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     C.one_of(prediction, C.PREDICTIONS, "prediction")
     C.one_of(variance, C.VARIANCES, "variance")
     eta = C.check_eta(eta)
+    if eta != 0 and method != "ddim":
+        raise ValueError(f"eta={eta} applies to method='ddim' only; got method={method!r} (its noise is set by "
+                         "variance=); pass eta=0 or method='ddim'")
     clip = C.check_clip(clip)
     if method == "ddim" and variance == "learned_range":
         raise ValueError("variance='learned_range' applies to method='ddpm' only; DDIM's variance is set by eta")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+        raise ValueError(f"steps must be a positive int (the number of sampling steps) or None (all of the "
+                         f"schedule's steps); got {steps!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+    if generator is not None and seed is not None:
+        raise ValueError(f"pass seed= or generator=, not both (got seed={seed!r} and a generator): seed= selects the "
+                         "counter-based noise stream, generator= torch draws")
     C.check_sample_offset(sample_offset)
     if generator is None:
-        if seed is None:
-            raise ValueError("pass seed=<int> or generator=<torch.Generator>")
+        seed = 0 if seed is None else seed  # DESIGN.md: no seed and no generator = seed 0's stream
         rng.check_seed(seed)
         if sample_offset + n > 2**32:
             raise ValueError(f"sample_offset + n must not exceed 2**32; got {sample_offset} + {n}")
     elif sample_offset:
         raise ValueError("sample_offset applies to seed= noise only: generator= draws depend on the batch order")
+    if not isinstance(progress, bool) and not callable(getattr(progress, "update", None)):
+        raise TypeError(f"progress must be True, False or a progress bar (an object with .update(k)); "
+                        f"got {type(progress).__name__}")
     if batch_size is None:
         batch_size = min(n, 256)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -320,8 +346,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
 
     out = torch.empty((n, *shape), dtype=torch.float32, device=device)
     starts = range(0, n, batch_size)
-    bar = None
-    if progress:
+    bar = progress if not isinstance(progress, bool) else None  # a caller's bar: one bar over many calls
+    if progress is True:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
@@ -350,7 +376,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     finally:
         if was_training:
             model.train()
-        if bar is not None:
+        if progress is True:
             bar.close()
     if flags is not None:
         bad = flags.tolist()  # one host sync for the whole call

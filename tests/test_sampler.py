@@ -172,7 +172,7 @@ def test_argument_errors():
         (dict(variance="fixed"), ValueError, "variance"),
         (dict(batch_size=0), ValueError, "batch_size"),
         (dict(backend="cuda"), ValueError, "backend"),
-        (dict(seed=None), ValueError, "seed"),
+        (dict(seed=-1), ValueError, "seed"),
         (dict(generator=5), TypeError, "generator"),
         (dict(method="ddim", variance="learned_range"), ValueError, "learned_range"),
         (dict(shape=(3, 0, 4)), ValueError, "shape"),
