@@ -42,16 +42,59 @@ def atomic_save(tensors: dict, path: str, metadata: dict):
             os.remove(tmp)
 
 
+def _sniff(path: str) -> str | None:
+    """What the file is when it is not a whole safetensors file: an explanation, or None."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    safetensors_like = head[8:9] == b"{"  # 8-byte little-endian header length, then a JSON header
+    if head.startswith(b"PK\x03\x04"):
+        kind = "a zip archive: a PyTorch pickle checkpoint (torch.save, usually .pt / .pth / .ckpt)"
+    elif not safetensors_like and len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        kind = "a pickle file (a legacy torch.save checkpoint, usually .pt / .pth / .pkl)"
+    else:
+        kind = None
+    if kind is not None:
+        return (f"{path!r} is {kind}, not a safetensors file. fastddpm never unpickles files (unpickling can run "
+                "arbitrary code). To convert a checkpoint you trust: in a trusted environment, "
+                "state = torch.load(path, map_location='cpu', weights_only=True); load it into the model "
+                "(model.load_state_dict(state)) and write it with fastddpm.checkpoint.save_model(model, "
+                "'model.safetensors', arch=..., schedule=..., prediction=...), or save the tensors with "
+                "safetensors.torch.save_file(state, 'weights.safetensors')")
+    if size < 8:
+        return f"{path!r} is not a safetensors file: it holds only {size} bytes (a safetensors file starts with an " \
+               "8-byte header length)"
+    n = int.from_bytes(head[:8], "little")
+    if len(head) > 8 and not safetensors_like:
+        text = head.isascii() and all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+        what = "a text file" if text else "a file of another format"
+        return f"{path!r} is not a safetensors file: it looks like {what} (it starts with {head[:16]!r})"
+    if 8 + n > size:
+        return (f"{path!r} is a truncated or corrupt safetensors file: its header says {8 + n} bytes of header, "
+                f"the file holds {size} bytes; it was cut short (an interrupted copy or download?): copy or "
+                "write it again")
+    return None
+
+
 def read(path: str, device="cpu"):
-    """(tensors, metadata) of a fastddpm safetensors file; a clear error if it is truncated or foreign."""
+    """(tensors, metadata) of a fastddpm safetensors file. A clear error if it is not one: a pickle
+    checkpoint (with how to convert it), another format, a truncated file, or a device that is
+    not available here (checked before the file is touched)."""
+    from ._checks import check_device
+
+    device = check_device(device)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    why = _sniff(path)
+    if why is not None:
+        raise ValueError(why)
     try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
+        with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k).to(device) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"checkpoint {path!r} is truncated or corrupt ({e}); delete it or restore a copy") from None
+        raise ValueError(f"{path!r} is a truncated or corrupt safetensors file ({e}); copy or write it "
+                         "again") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path!r} is a safetensors file but not a fastddpm checkpoint (format="
                          f"{meta.get('format')!r}); for diffusers weights use fastddpm.compat.load_diffusers_unet")
@@ -89,11 +132,24 @@ def save_model(model, path: str, *, arch: str, schedule: str, prediction: str):
     atomic_save(dict(model.state_dict()), path, meta)
 
 
-def load(path: str, device="cpu"):
-    """The EMA model of a training run (folder) or a model/checkpoint file, in eval mode.
+def load(path: str | None = None, device="cpu"):
+    """The EMA model of a training run (folder) or a model/checkpoint file, in eval mode;
+    with no path, the shipped digits model (a 16x16 grey-scale U-Net):
+
+        model = fastddpm.load()                       # the shipped digits model
+        x = fastddpm.sample(model, 16, steps=50, method="ddim")
 
     The model carries `fastddpm_schedule` (its training schedule) and `fastddpm_prediction`,
     which `fastddpm.sample` uses."""
+    from ._checks import check_device
+
+    device = check_device(device)
+    if path is None:
+        path = shipped_model_path()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a run folder or a .safetensors file path (or None for the shipped model); "
+                        f"got {type(path).__name__}")
+    path = os.fspath(path)
     if os.path.isdir(path):
         for name in (MODEL, CHECKPOINT):
             if os.path.isfile(os.path.join(path, name)):
