@@ -8,7 +8,14 @@ and the eps target in one pass).
 
 All randomness of step k (batch indices, t, eps) is a function of (seed, k), and the
 global RNG state is checkpointed, so a resumed run makes exactly the updates the
-uninterrupted run would have made.
+uninterrupted run would have made. Checkpoints are written every `ckpt_every` steps, at
+least every `ckpt_minutes` minutes, at the end, and on SIGTERM / SIGINT (the step in
+flight finishes, the checkpoint is written, then the signal takes its usual course), so a
+kill loses at most a few minutes. resume=True with no checkpoint in the folder warns and
+starts from step 0 (a job script can always pass --resume).
+
+The EMA uses the usual warm-up (decay min(decay, (1 + k) / (10 + k)) at update k), so
+a short run's EMA weights are not stuck near the random initialisation.
 
 Under torchrun (K processes) the model is wrapped in DistributedDataParallel: every rank
 draws the same global batch of indices and t and keeps its contiguous slice, and its noise
@@ -22,7 +29,11 @@ import copy
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -55,7 +66,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
-    ckpt_every: int = 500
+    ckpt_every: int = 500           # a checkpoint every this many steps ...
+    ckpt_minutes: float | None = 5.0  # ... and at least every this many minutes (None: steps only)
     log_every: int = 50
     device: str | None = None
     bf16: bool | None = None        # None: on for CUDA
@@ -74,6 +86,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        m = self.ckpt_minutes
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise ValueError(f"ckpt_minutes must be a positive number of minutes or None; got {m!r}")
 
 
 def _mix(seed: int, step: int) -> int:
@@ -82,6 +97,13 @@ def _mix(seed: int, step: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (z ^ (z >> 31)) >> 1
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay of update `step` (0-based) with the usual warm-up, min(decay, (1 + step) / (10 + step)):
+    early updates follow the fast-changing weights, so a short run's EMA is not stuck near the
+    random initialisation (with a flat 0.999, 200 steps keep 82% of the init's weight)."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def _make_model(cfg: TrainConfig, data: torch.Tensor):
@@ -149,6 +171,35 @@ def diffusion_loss(fwd, s: Schedule, x0: torch.Tensor, t: torch.Tensor, *, noise
     return F.mse_loss(pred.float(), target)
 
 
+class _StopOnSignal:
+    """While training (rank 0, main thread): SIGTERM and SIGINT are noted, the current step
+    finishes, a checkpoint is written, and then the signal takes its usual course."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.old[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now, without waiting for the step
+            self.restore()
+            signal.raise_signal(signum)
+        self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.old = {}
+
+    def reraise(self):
+        self.restore()
+        signal.raise_signal(self.signum)
+
+
 def _truncate_log(path, step):
     """Drop log lines written after the checkpoint we resume from (the killed run's tail)."""
     if not os.path.exists(path):
@@ -168,7 +219,7 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
     cfg.validate()
     rank, world, device = init_process_group()
     if cfg.device is not None:
-        device = torch.device(cfg.device)
+        device = C.check_device(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
     local_b = cfg.batch_size // world
@@ -194,6 +245,9 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
         step = _load_checkpoint(ck_path, model, ema, opt, device)
         if rank == 0:
             _truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
+    elif resume and rank == 0:
+        warnings.warn(f"resume=True (--resume) but {cfg.out!r} holds no {ckpt.CHECKPOINT}: nothing to resume, "
+                      "training starts from step 0", UserWarning, stacklevel=2)
     fwd = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -211,6 +265,8 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     loss_sum = torch.zeros((), device=device)
     n_in_window, t_window = 0, time.perf_counter()
+    stop = _StopOnSignal() if rank == 0 else None
+    last_save = time.monotonic()
     try:
         while step < cfg.steps:
             g = torch.Generator().manual_seed(_mix(cfg.seed, step))
@@ -226,7 +282,8 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
                 grp["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
             opt.step()
             with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
+                decay = ema_decay_at(step, cfg.ema_decay)
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
             step += 1
@@ -252,9 +309,20 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
                                              "or check the data (values should be in [-1, 1])")
                 loss_sum.zero_()
                 n_in_window, t_window = 0, time.perf_counter()
-            if (step % cfg.ckpt_every == 0 or step == cfg.steps) and rank == 0:
+            if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or stop.signum is not None or (
+                    cfg.ckpt_minutes is not None and time.monotonic() - last_save >= 60 * cfg.ckpt_minutes)):
                 _save_checkpoint(ck_path, model, ema, opt, step, cfg, arch)
+                last_save = time.monotonic()
+                if stop.signum is not None:
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    print(f"fastddpm train: {signal.Signals(stop.signum).name} received: checkpoint of step {step} "
+                          f"written to {ck_path}; continue with resume=True (--resume)", file=sys.stderr, flush=True)
+                    stop.reraise()  # its usual course: SIGTERM ends the process, SIGINT raises KeyboardInterrupt
     finally:
+        if stop is not None:
+            stop.restore()
         if log is not None:
             log.close()
         if bar is not None:

@@ -202,3 +202,76 @@ def test_load_errors(tmp_path):
         fastddpm.load(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         fastddpm.load(str(tmp_path / "nope.safetensors"))
+
+
+def test_ema_warms_up():
+    """EMA decay of update k is min(decay, (1 + k) / (10 + k)): 0.1, 2/11, 3/12, ... then decay."""
+    from fastddpm.train import ema_decay_at
+
+    assert [ema_decay_at(k, 0.999) for k in range(3)] == [1 / 10, 2 / 11, 3 / 12]
+    assert ema_decay_at(10_000, 0.999) == 0.999 and ema_decay_at(5, 0.0) == 0.0
+
+
+def test_ema_follows_the_warm_up_schedule(tmp_path):
+    """The EMA in the checkpoint after each of 3 steps is the warmed-up average of the weights."""
+    from fastddpm.mlp import MLPDenoiser
+
+    cfg = small_cfg(tmp_path / "ema", ema_decay=0.999, steps=3)
+    torch.manual_seed(cfg.seed)
+    ema = {k: v.clone() for k, v in MLPDenoiser(dim=2).state_dict().items()}  # train()'s initial weights
+    for step in range(3):
+        train(cfg, steps=step + 1, resume=step > 0)
+        tensors, _ = ck.read(str(tmp_path / "ema/checkpoint.safetensors"))
+        d = min(0.999, (1 + step) / (10 + step))
+        for k in ema:
+            ema[k] = torch.lerp(ema[k], tensors[f"model.{k}"], 1 - d)
+            torch.testing.assert_close(tensors[f"ema.{k}"], ema[k], msg=f"step {step + 1}: {k}")
+
+
+def train_cmd(out, steps=1_000_000, *extra):
+    return [sys.executable, "-m", "fastddpm", "train", "--data", "moons", "--out", str(out), "--steps", str(steps),
+            "--batch-size", "64", "--ckpt-every", "1000000", "--log-every", "5", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_a_resumable_checkpoint(tmp_path, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, 1_000_000, "--ckpt-minutes", "60"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 180
+    while not (log.exists() and log.read_text()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert not (out / "checkpoint.safetensors").exists()  # neither the step nor the time bound was reached
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    ckfile = str(out / "checkpoint.safetensors")
+    step = int(ck.read(ckfile)[1]["step"])
+    assert step >= 5
+    name = signal.Signals(sig).name
+    assert (f"fastddpm train: {name} received: checkpoint of step {step} written to {ckfile}; continue with "
+            "resume=True (--resume)") in err
+    if sig == signal.SIGTERM:
+        assert proc.returncode == -signal.SIGTERM
+    else:
+        assert proc.returncode == 130 and err.rstrip().endswith("fastddpm train: interrupted")
+    r = subprocess.run(train_cmd(out, step + 2, "--resume"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ck.read(ckfile)[1]["step"] == str(step + 2)
+
+
+def test_checkpoints_are_bounded_by_time(tmp_path):
+    """With --ckpt-every far away, --ckpt-minutes still writes checkpoints: a kill -9 loses little."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, 1_000_000, "--ckpt-minutes", "0.005"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckfile = out / "checkpoint.safetensors"
+    deadline = time.time() + 180
+    while not ckfile.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 1 <= int(ck.read(str(ckfile))[1]["step"]) < 1_000_000
+    with pytest.raises(ValueError, match=r"^ckpt_minutes must be a positive number of minutes or None; got 0$"):
+        train(small_cfg(tmp_path / "e", ckpt_minutes=0))
