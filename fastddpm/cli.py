@@ -12,16 +12,45 @@ import torch
 from . import _checks as C
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help text with each option's default (where the help does not already say it), and no
+    line breaks inside hyphenated names such as preset names."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return h
+        return h + " (default: %(default)s)"
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _steps_arg(text):
+    """--steps: a positive int, or 'all' for every training step (the API's steps=None)."""
+    if text == "all":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'all' (every training step); got {text!r}")
+    return k
+
+
 def _add_sampling_args(p, steps_default):
     p.add_argument("-n", "--n", "--num-samples", dest="n", type=int, default=64,
                    help="number of images (default 64); under torchrun write -n or --num-samples: torchrun reads "
                         "--n as an abbreviation of its own --nnodes")
     p.add_argument("--seed", type=int, default=0, help="noise seed; sample i is the same image for any batch size")
-    p.add_argument("--steps", type=int, default=steps_default,
-                   help=f"respace the training schedule to this many steps (default {steps_default}; "
-                        "0 = all training steps)")
+    p.add_argument("--steps", type=_steps_arg, default=steps_default,
+                   help=f"respace the training schedule to this many steps, or 'all' for every training step "
+                        f"(default {steps_default})")
     p.add_argument("--method", choices=C.METHODS, default="ddim", help="sampler (default ddim)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic); --method ddim only")
     p.add_argument("--variance", choices=C.VARIANCES, default="fixed_small", help="DDPM variance")
     p.add_argument("--batch-size", type=int, default=None, help="images per model call (default min(n, 256))")
     p.add_argument("--backend", choices=C.BACKENDS, default="auto",
@@ -32,7 +61,18 @@ def _add_sampling_args(p, steps_default):
 
 
 def _device(arg):
-    return torch.device(arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device, checked before any file is read: a missing CUDA is a device error, never a file's."""
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return C.check_device(arg, "--device")
+
+
+def _bar(total, desc, enabled=True):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step")
 
 
 def _load(checkpoint, device):
@@ -44,7 +84,7 @@ def _load(checkpoint, device):
 def _sample(model, a, backend=None, progress=True):
     from .sampler import sample
 
-    return sample(model, a.n, steps=a.steps or None, method=a.method, eta=a.eta, variance=a.variance,
+    return sample(model, a.n, steps=a.steps, method=a.method, eta=a.eta, variance=a.variance,
                   seed=a.seed, batch_size=a.batch_size, backend=backend or a.backend, compile=a.compile,
                   prediction=getattr(model, "fastddpm_prediction", "eps"), progress=progress)
 
@@ -53,6 +93,8 @@ def cmd_sample(a):
     """One process, or one rank of `torchrun -m fastddpm sample`: shards, then rank 0 assembles."""
     from .distributed import init_process_group, sample_to_folder
 
+    if a.device is not None:
+        _device(a.device)
     rank, world, device = init_process_group()
     if a.device is not None:
         device = _device(a.device)
@@ -62,7 +104,7 @@ def cmd_sample(a):
     t0 = time.perf_counter()
     try:
         out = sample_to_folder(model, a.n, a.out, shard_size=a.shard_size, rank=rank, world=world, manifest=manifest,
-                               progress=not a.no_progress, steps=a.steps or None, method=a.method, eta=a.eta,
+                               progress=not a.no_progress, steps=a.steps, method=a.method, eta=a.eta,
                                variance=a.variance, seed=a.seed, batch_size=a.batch_size, backend=a.backend,
                                compile=a.compile, prediction=getattr(model, "fastddpm_prediction", "eps"))
     finally:
@@ -80,6 +122,8 @@ def _leave_process_group():
 
 
 def cmd_demo(a):
+    import math
+
     from .images import grid, save_png, to_uint8_nhwc
     from .sampler import resolve_backend
 
@@ -87,22 +131,31 @@ def cmd_demo(a):
     model = _load(None, device)
     n_params = sum(p.numel() for p in model.parameters())
     fast = resolve_backend("auto", device)
+    steps = a.steps or model.fastddpm_schedule.num_steps
     print(f"fastddpm demo: the shipped digits model ({n_params / 1e6:.1f}M parameters), {a.n} samples, "
-          f"{a.method.upper()} with {a.steps} steps, seed {a.seed}, on {device}")
+          f"{a.method.upper()} with {steps} steps, seed {a.seed}, on {device}")
+    backends = list(dict.fromkeys([fast, "reference"]))
+    calls = 2 * len(backends) - 1  # a warm-up call and a timed call per fast backend, a timed reference call
+    bar = _bar(calls * math.ceil(a.n / (a.batch_size or min(a.n, 256))) * steps, "demo", not a.no_progress)
+    say = bar.write if bar is not None else print
     runs = {}
-    for backend in dict.fromkeys([fast, "reference"]):
-        if backend != "reference":  # kernel compilation and graph capture: once per process and shape
+    try:
+        for backend in backends:
+            if backend != "reference":  # kernel compilation and graph capture: once per process and shape
+                t0 = time.perf_counter()
+                _sample(model, a, backend=backend, progress=bar if bar is not None else False)
+                warm = time.perf_counter() - t0
+                say(f"  backend {backend:<9}: warm-up (kernel compilation, graph capture) {warm:.2f} s")
             t0 = time.perf_counter()
-            _sample(model, a, backend=backend, progress=False)
-            warm = time.perf_counter() - t0
-            print(f"  backend {backend:<9}: warm-up (kernel compilation, graph capture) {warm:.2f} s")
-        t0 = time.perf_counter()
-        x = _sample(model, a, backend=backend, progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        runs[backend] = (x, dt)
-        print(f"  backend {backend:<9}: {dt:6.2f} s  {1e3 * dt / a.steps:7.1f} ms/step  {a.n / dt:7.1f} images/s")
+            x = _sample(model, a, backend=backend, progress=bar if bar is not None else False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            runs[backend] = (x, dt)
+            say(f"  backend {backend:<9}: {dt:6.2f} s  {1e3 * dt / steps:7.1f} ms/step  {a.n / dt:7.1f} images/s")
+    finally:
+        if bar is not None:
+            bar.close()
     x, _ = runs[fast]
     if fast != "reference":
         ref = runs["reference"][0]
@@ -118,10 +171,12 @@ def cmd_demo(a):
 def cmd_train(a):
     from .train import TrainConfig, train
 
+    if a.device is not None:
+        _device(a.device)
     cfg = TrainConfig(data=a.data, out=a.out, model=a.model, schedule=a.schedule, prediction=a.prediction,
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay, seed=a.seed,
-                      ckpt_every=a.ckpt_every, log_every=a.log_every, device=a.device, compile=a.compile,
-                      progress=not a.no_progress, warmup=a.warmup)
+                      ckpt_every=a.ckpt_every, ckpt_minutes=a.ckpt_minutes, log_every=a.log_every, device=a.device,
+                      compile=a.compile, progress=not a.no_progress, warmup=a.warmup)
     try:
         out = train(cfg, resume=a.resume)
     finally:
@@ -146,28 +201,43 @@ def cmd_eval(a):
     if a.json:
         print(json.dumps(res))
         return
-    print(f"{'':<22}{'samples':>12}{'held-out real':>16}")
     s, r = res["samples"], res["heldout_real"]
-    print(f"{'images':<22}{s['n']:>12}{r['n']:>16}")
-    print(f"{'FD (297 images)':<22}{s['fd_297']:>12.2f}{r['fd_297']:>16.2f}")
-    print(f"{'FD (all images)':<22}{s['fd']:>12.2f}{r['fd']:>16.2f}")
-    print(f"{'confidence':<22}{s['confidence']:>12.3f}{r['confidence']:>16.3f}")
-    print(f"{'class histogram (%)':<22}")
+    k = s["n_common"]
+    print(f"fastddpm eval: {s['n']} samples against {r['n']} held-out real digits. FD = Frechet distance of a "
+          "digit classifier's features to the training digits: lower is better; real digits set the floor.")
+    print(f"{'':<30}{'samples':>10}{'held-out real':>16}")
+    print(f"{f'FD, {k} images each':<30}{s['fd_common']:>10.2f}{r['fd_common']:>16.2f}")
+    print(f"{'FD ratio (samples / real)':<30}{res['fd_ratio']:>10.2f}")
+    print(f"verdict: {res['verdict']} (FD ratio {res['fd_ratio']:.2f} over {k} images each; 1 = as good as real "
+          "digits)")
+    if s["n"] != r["n"]:
+        print(f"{'FD, all images':<30}{s['fd']:>10.2f}{r['fd']:>16.2f}   ({s['n']} vs {r['n']} images)")
+        print(f"  warning: FDs over different numbers of images do not compare (FD grows as the count shrinks): "
+              f"compare the '{k} images each' row, or runs evaluated on the same number of samples")
+    if k < 297:
+        print(f"  note: {k} images give a noisy, upward-biased FD; 297 or more samples give a steadier figure")
+    print(f"{'classifier confidence':<30}{s['confidence']:>10.3f}{r['confidence']:>16.3f}")
+    print("  note: confidence is the classifier's mean top-class probability; it is NOT a quality score "
+          "(blobs and noise can score high): judge by the FD ratio")
+    print(f"{'class histogram (%)':<30}")
     for d in range(10):
         fs, fr = 100 * s["histogram"][d] / s["n"], 100 * r["histogram"][d] / r["n"]
-        print(f"{'  digit ' + str(d):<22}{fs:>12.1f}{fr:>16.1f}")
+        print(f"{'  digit ' + str(d):<30}{fs:>10.1f}{fr:>16.1f}")
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="fastddpm", description="Fast DDPM/DDIM sampling and training.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="sample the shipped digits model: fast backend vs reference, timings, PNG")
+    d = sub.add_parser("demo", formatter_class=_HelpWithDefaults,
+                       help="sample the shipped digits model: fast backend vs reference, timings, PNG")
     _add_sampling_args(d, steps_default=50)
     d.add_argument("--out", default="fastddpm-demo.png", help="PNG to write (default fastddpm-demo.png)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo, checkpoint=None)
 
-    s = sub.add_parser("sample", help="sample a checkpoint (default: the shipped digits model) to DIR")
+    s = sub.add_parser("sample", formatter_class=_HelpWithDefaults,
+                       help="sample a checkpoint (default: the shipped digits model) to DIR")
     s.add_argument("--checkpoint", default=None, help="run folder or .safetensors file (default: shipped model)")
     s.add_argument("--out", required=True, help="output folder: samples.npz and grid.png")
     s.add_argument("--no-progress", action="store_true")
@@ -176,24 +246,38 @@ def build_parser():
     _add_sampling_args(s, steps_default=50)
     s.set_defaults(func=cmd_sample)
 
-    t = sub.add_parser("train", help="train a model (DDPM objective)")
+    from .unet import PRESETS
+
+    t = sub.add_parser("train", help="train a model (DDPM objective)", formatter_class=_HelpWithDefaults,
+                       description="Train a DDPM (Ho et al. 2020 Algorithm 1) and write RUN/model.safetensors (EMA "
+                                   "weights: fastddpm.load(RUN)), RUN/checkpoint.safetensors and RUN/log.jsonl. "
+                                   "Quick start: fastddpm train --data digits --out runs/digits (the shipped model's "
+                                   "recipe); then fastddpm sample --checkpoint runs/digits --out samples.")
     t.add_argument("--data", default="digits", help="digits | moons | gaussians | a folder of PNG/JPEG images")
     t.add_argument("--out", required=True, help="run folder (checkpoint, model, log)")
-    t.add_argument("--model", default=None, help="UNet preset or 'mlp' (default: digits-16 for images, mlp for 2-D)")
-    t.add_argument("--steps", type=int, default=4000)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--ema-decay", type=float, default=0.999)
-    t.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
-    t.add_argument("--prediction", choices=C.PREDICTIONS, default="eps")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--ckpt-every", type=int, default=500)
-    t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--device", default=None)
+    t.add_argument("--model", default=None,
+                   help=f"'mlp' (for 2-D data) or a UNet preset: {', '.join(sorted(PRESETS))} "
+                        "(default: digits-16 for images, mlp for moons / gaussians)")
+    t.add_argument("--steps", type=int, default=4000, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=128, help="global batch size (divided among torchrun processes)")
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    t.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    t.add_argument("--ema-decay", type=float, default=0.999,
+                   help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
+    t.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="noise schedule (1000 steps)")
+    t.add_argument("--prediction", choices=C.PREDICTIONS, default="eps", help="what the model predicts")
+    t.add_argument("--seed", type=int, default=0, help="seed of every random draw (data order, t, noise, init)")
+    t.add_argument("--ckpt-every", type=int, default=500, help="write a checkpoint every this many steps")
+    t.add_argument("--ckpt-minutes", type=float, default=5.0,
+                   help="... and at least every this many minutes (also on SIGTERM / SIGINT), so a kill loses "
+                        "little work")
+    t.add_argument("--log-every", type=int, default=50, help="a line in RUN/log.jsonl every this many steps")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's checkpoint (with none there: a warning, and training "
+                        "starts from step 0)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="quality figures for digit samples, real held-out digits beside them")
@@ -212,6 +296,9 @@ def main(argv=None):
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         print(f"fastddpm {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastddpm {a.cmd}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -8,8 +8,9 @@ Sharded sampling (`sample_to_folder`): the N sample indices are cut into shards 
 index, so every shard, and the assembled set, is identical to a one-process run with the
 same seed. Each shard is written atomically (temporary file + rename) as
 OUT/shards/shard-<k>.npz (uint8 NHWC under arr_0, the indices under "indices"); a run
-started again with the same arguments skips the shards that exist, and a manifest refuses
-a restart with different arguments. Rank 0 then writes OUT/samples.npz (exactly N samples
+started again with the same arguments skips the shards that exist, and a manifest (written
+with the first shard: a run that wrote none claims nothing) refuses a restart with different
+arguments. Progress: one bar, per sampling step, on rank 0. Rank 0 then writes OUT/samples.npz (exactly N samples
 in index order), OUT/grid.png and OUT/shards/index.json (which samples each shard holds).
 """
 from __future__ import annotations
@@ -72,19 +73,52 @@ def _valid_shard(path, start, stop):
         return False
 
 
-def _check_manifest(shards_dir, manifest, rank):
+def _has_shards(shards_dir):
+    return any(f.startswith("shard-") and f.endswith(".npz") for f in os.listdir(shards_dir))
+
+
+def _check_manifest(shards_dir, manifest):
+    """Refuse to mix shards of runs with different arguments. Only a folder holding shards is
+    claimed: a run that failed before writing one leaves nothing that blocks the next."""
     path = os.path.join(shards_dir, "manifest.json")
-    if rank == 0 and not os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        os.replace(path + ".tmp", path)
-    barrier()
+    if not (os.path.exists(path) and _has_shards(shards_dir)):
+        return
     with open(path) as f:
         old = json.load(f)
     if old != json.loads(json.dumps(manifest)):
         diff = {k: (old.get(k), manifest.get(k)) for k in set(old) | set(manifest) if old.get(k) != manifest.get(k)}
-        raise ValueError(f"{shards_dir} holds shards of a run with other arguments (was, now): {diff}; "
-                         "use another --out folder or delete that one")
+        raise ValueError(f"{shards_dir} holds shards of a run with other arguments (was, now): {diff}; rerun with "
+                         "the arguments it was started with to complete it, or choose another --out folder")
+
+
+def _claim(shards_dir, manifest):
+    """Write the manifest (atomically; any rank may) just before the folder's first shard."""
+    path = os.path.join(shards_dir, "manifest.json")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=shards_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _steps_bar(model, kw, shard_lengths, rank, world):
+    """A tqdm bar over the sampling steps of this rank's shards (per step, not per shard)."""
+    import math
+
+    from tqdm.auto import tqdm
+
+    from .sampler import _resolve_schedule
+
+    S = _resolve_schedule(model, kw.get("schedule"), kw.get("steps")).num_steps
+    bs = kw.get("batch_size")
+
+    def steps_of(length):
+        return math.ceil(length / (bs or min(length, 256))) * S
+
+    desc = "sampling" if world == 1 else f"sampling (rank {rank} of {world} processes)"
+    bar = tqdm(total=sum(steps_of(m) for m in shard_lengths), desc=desc, unit="step")
+    bar.steps_of = steps_of
+    return bar
 
 
 def sample_to_folder(model, n: int, out_dir: str, *, shard_size: int, rank: int = 0, world: int = 1,
@@ -101,23 +135,31 @@ def sample_to_folder(model, n: int, out_dir: str, *, shard_size: int, rank: int 
         raise ValueError("sharded sampling needs seed= noise (generator= draws depend on the batch order)")
     shards_dir = os.path.join(out_dir, "shards")
     os.makedirs(shards_dir, exist_ok=True)
-    _check_manifest(shards_dir, {**(manifest or {}), "n": n, "shard_size": shard_size}, rank)
+    manifest = {**(manifest or {}), "n": n, "shard_size": shard_size}
+    _check_manifest(shards_dir, manifest)
+    barrier()  # every rank has checked before any rank claims the folder
     ranges = [(k, s, min(s + shard_size, n)) for k, s in enumerate(range(0, n, shard_size))]
     mine = [r for r in ranges if r[0] % world == rank]
     bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(ranges), desc=f"shards ({world} processes)", unit="shard")
-    for k, start, stop in mine:
-        path = os.path.join(shards_dir, f"shard-{k:06d}.npz")
-        if not (os.path.exists(path) and _valid_shard(path, start, stop)):
-            x = sample(model, stop - start, sample_offset=start, **sample_kwargs)
+    if progress and rank == 0:  # one bar for the whole run: rank 0's steps (every rank moves at about its pace)
+        bar = _steps_bar(model, sample_kwargs, [stop - start for _, start, stop in mine], rank, world)
+    claimed = False
+    try:
+        for k, start, stop in mine:
+            path = os.path.join(shards_dir, f"shard-{k:06d}.npz")
+            if os.path.exists(path) and _valid_shard(path, start, stop):
+                if bar is not None:
+                    bar.update(bar.steps_of(stop - start))
+                continue
+            x = sample(model, stop - start, sample_offset=start, progress=bar if bar is not None else False,
+                       **sample_kwargs)
+            if not claimed:
+                _claim(shards_dir, manifest)
+                claimed = True
             _atomic_npz(path, arr_0=to_uint8_nhwc(x), indices=np.arange(start, stop))
+    finally:
         if bar is not None:
-            bar.update(world)
-    if bar is not None:
-        bar.close()
+            bar.close()
     barrier()
     if rank != 0:
         return None
