@@ -189,7 +189,7 @@ def test_argument_errors():
             fastddpm.sample(unet, **args)
     with pytest.raises(ValueError, match="model output does not fit"):
         fastddpm.sample(lambda x, t: x[:, :1], 2, shape=(3, 4, 4), steps=2)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError) as info, pytest.warns(UserWarning, match="shape=.* differs from the model's"):
         fastddpm.sample(unet, 2, shape=(1, 16, 16), steps=2)
     assert "shape=" in "".join(getattr(info.value, "__notes__", ["shape="]))
     with pytest.raises(ValueError, match="shape is required"):
