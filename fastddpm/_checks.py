@@ -45,6 +45,12 @@ def check_clip(clip):
     return float(clip)
 
 
+def check_bool(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return value
+
+
 def check_eta(eta):
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite float >= 0; got {eta!r}")

@@ -21,7 +21,11 @@ Conventions (diffusers' wherever diffusers and improved-diffusion differ):
 - Step 0 never adds noise (its noise argument is ignored).
 - clip=c clamps predicted x0 to [-c, c] (DDPMScheduler's clip_sample); None disables.
 - DDIM keeps the RAW model eps in the direction term when x0 is clipped (diffusers'
-  use_clipped_model_output=False); improved-diffusion re-derives eps from the clipped x0.
+  use_clipped_model_output=False). With use_clipped_model_output=True it re-derives eps from
+  the clipped x0, eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1), as improved-diffusion
+  (`_predict_eps_from_xstart`), denoising-diffusion-pytorch (`predict_noise_from_start`) and
+  diffusers' option of that name do. DDPM's step reads only the clipped x0, so the option
+  has no counterpart there.
 - The learned_range lower end is log(max(posterior variance, 1e-20)) as in diffusers;
   improved-diffusion clips index 0 to the value at index 1 (again only at t = 0).
 - Math runs in float32 from float32 coefficients that were computed in float64; the
@@ -35,7 +39,7 @@ from . import _checks as C
 from . import rng
 from .schedule import ROW, Schedule
 
-__all__ = ["q_sample", "predict_x0", "predict_eps", "training_target", "posterior_mean",
+__all__ = ["q_sample", "predict_x0", "predict_eps", "eps_from_x0", "training_target", "posterior_mean",
            "ddpm_step", "ddim_step"]
 
 
@@ -111,6 +115,12 @@ def predict_eps(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, p
     raise ValueError(f"prediction must be one of {C.PREDICTIONS}; got {prediction!r}")
 
 
+def eps_from_x0(s: Schedule, x_t: torch.Tensor, t, x0: torch.Tensor):
+    """eps implied by x_t and a (clipped) x0, inverting eq. 4: (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1)."""
+    x = x_t.float()
+    return (_coef(s, "sqrt_recip_abar", t, x) * x - x0) / _coef(s, "sqrt_recipm1_abar", t, x)
+
+
 def posterior_mean(s: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t):
     """Mean of q(x_{t-1} | x_t, x0) (Ho et al. eq. 7), float32."""
     return _coef(s, "coef_x0", t, x_t) * x0 + _coef(s, "coef_xt", t, x_t) * x_t.float()
@@ -177,11 +187,14 @@ def ddpm_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
 
 def ddim_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None,
               *, eta: float = 0.0, prediction: str = "eps", clip: float | None = 1.0,
-              seed: int | None = None, sample_offset: int = 0, return_x0: bool = False):
+              seed: int | None = None, sample_offset: int = 0, return_x0: bool = False,
+              use_clipped_model_output: bool = False):
     """One DDIM step x_t -> x_{t-1} (Song et al. 2021 eq. 12), between consecutive steps of `s`.
 
     eta=0 is deterministic (noise may be None); eta=1 has DDPM's fixed_small variance.
-    The direction term uses the raw model eps even when x0 is clipped (diffusers).
+    The direction term uses the raw model eps even when x0 is clipped (diffusers' default);
+    use_clipped_model_output=True re-derives it from the clipped x0 (`eps_from_x0`), as
+    improved-diffusion, denoising-diffusion-pytorch and diffusers' option of that name do.
     Shapes and noise as in `ddpm_step`; returns float32 x_{t-1} (and x0 if return_x0).
     """
     C.check_schedule(s)
@@ -189,6 +202,7 @@ def ddim_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
     C.one_of(prediction, C.PREDICTIONS, "prediction")
     eta = C.check_eta(eta)
     clip = C.check_clip(clip)
+    C.check_bool(use_clipped_model_output, "use_clipped_model_output")
     t = C.check_t(s, t, x_t)
     C.check_model_output(model_output, x_t, "fixed_small")
     adds_noise = eta > 0 and not (isinstance(t, int) and t == 0)
@@ -196,9 +210,12 @@ def ddim_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
     C.check_sample_offset(sample_offset)
 
     x0 = predict_x0(s, x_t, t, model_output, prediction)
-    eps = predict_eps(s, x_t, t, model_output, prediction)
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
+    if use_clipped_model_output:
+        eps = eps_from_x0(s, x_t, t, x0)
+    else:
+        eps = predict_eps(s, x_t, t, model_output, prediction)
     rows = s.ddim_rows(x_t.device, eta)
     dir_coef = rows.dir_coef[t] if isinstance(t, int) else _per_sample(t, x_t, rows.dir_coef[t])
     out = _coef(s, "sqrt_abar_prev", t, x_t) * x0 + dir_coef * eps

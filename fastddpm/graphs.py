@@ -152,7 +152,8 @@ class LoopPlan:
         self._tables = (s.table(device), s.ddim_rows(device, opts["eta"]) if ddim else None)
         self.kw = dict(ddim=ddim, eta=opts["eta"] if ddim else 0.0, prediction=opts["prediction"],
                        variance=opts["variance"] if not ddim else "fixed_small", clip=opts["clip"],
-                       seed=None, sample_offset=0, return_x0=False)
+                       seed=None, sample_offset=0, return_x0=False,
+                       use_clipped_model_output=ddim and opts["use_clipped_model_output"])
 
     def set_rng(self, seed: int, first_sample: int):
         self.rng[0].fill_(seed & 0xFFFFFFFF)

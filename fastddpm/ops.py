@@ -102,13 +102,14 @@ def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed:
 
 
 def _step(ref_fn, s, x_t, t, model_output, noise, *, ddim, eta, prediction, variance, clip, seed,
-          sample_offset, return_x0, out):
+          sample_offset, return_x0, out, use_clipped_model_output=False):
     C.check_schedule(s)
     C.check_float_tensor(x_t, "x_t")
     C.one_of(prediction, C.PREDICTIONS, "prediction")
     C.one_of(variance, C.VARIANCES, "variance")
     eta = C.check_eta(eta)
     clip = C.check_clip(clip)
+    C.check_bool(use_clipped_model_output, "use_clipped_model_output")
     t = C.check_t(s, t, x_t)
     C.check_model_output(model_output, x_t, variance)
     at_zero = isinstance(t, int) and t == 0
@@ -118,7 +119,7 @@ def _step(ref_fn, s, x_t, t, model_output, noise, *, ddim, eta, prediction, vari
         raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x_t.shape[0]}")
     _check_out(out, x_t)
     if not _use_kernels(x_t):
-        kw = dict(eta=eta) if ddim else dict(variance=variance)
+        kw = dict(eta=eta, use_clipped_model_output=use_clipped_model_output) if ddim else dict(variance=variance)
         res = ref_fn(s, x_t, t, model_output, noise, prediction=prediction, clip=clip, seed=seed,
                      sample_offset=sample_offset, return_x0=return_x0, **kw)
         if out is not None:
@@ -128,7 +129,7 @@ def _step(ref_fn, s, x_t, t, model_output, noise, *, ddim, eta, prediction, vari
     _, step_mod = _load_kernels()
     return step_mod.step_forward(s, x_t, t, model_output, noise, ddim=ddim, eta=eta, prediction=prediction,
                                  variance=variance, clip=clip, seed=seed, sample_offset=sample_offset,
-                                 return_x0=return_x0, out=out)
+                                 return_x0=return_x0, out=out, use_clipped_model_output=use_clipped_model_output)
 
 
 def ddpm_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None, *,
@@ -143,8 +144,10 @@ def ddpm_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.
 
 def ddim_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None, *,
               eta: float = 0.0, prediction: str = "eps", clip: float | None = 1.0, seed: int | None = None,
-              sample_offset: int = 0, return_x0: bool = False, out: torch.Tensor | None = None):
-    """Fused `fastddpm.diffusion.ddim_step` (Song et al. 2021 eq. 12) in one launch."""
+              sample_offset: int = 0, return_x0: bool = False, out: torch.Tensor | None = None,
+              use_clipped_model_output: bool = False):
+    """Fused `fastddpm.diffusion.ddim_step` (Song et al. 2021 eq. 12) in one launch; with
+    use_clipped_model_output=True the direction term's eps is re-derived from the clipped x0."""
     return _step(diffusion.ddim_step, s, x_t, t, model_output, noise, ddim=True, eta=eta, prediction=prediction,
                  variance="fixed_small", clip=clip, seed=seed, sample_offset=sample_offset, return_x0=return_x0,
-                 out=out)
+                 out=out, use_clipped_model_output=use_clipped_model_output)

@@ -263,7 +263,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
            method: str = "ddpm", eta: float = 0.0, prediction: str = "eps", variance: str = "fixed_small",
            clip: float | None = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
            batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
-           progress: bool = False, sample_offset: int = 0, compile: bool = False) -> torch.Tensor:
+           progress: bool = False, sample_offset: int = 0, compile: bool = False,
+           use_clipped_model_output: bool = False) -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
 
     model: callable model(x (B, C, H, W), t LongTensor (B,) of ORIGINAL training timesteps)
@@ -279,6 +280,10 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         stream, or generator=<torch.Generator> for torch draws; not both. Neither: seed 0's stream.
     shape: a shape other than the model's configured one (model.config) is sampled, with a
         warning: the model was trained at its configured size.
+    use_clipped_model_output: DDIM only: the direction term uses eps re-derived from the
+        clipped x0 (improved-diffusion's and denoising-diffusion-pytorch's DDIM; diffusers'
+        option of that name) instead of the raw model eps. DDPM's step reads only the clipped
+        x0, so with method="ddpm" it changes nothing, and True there warns.
     batch_size: images per model call (default min(n, 256)).
     dtype: precision of the model call (autocast when the model's weights are float32, which
         re-casts the weights every step: a model cast to bf16 itself is faster);
@@ -315,6 +320,11 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"steps must be a positive int (the number of sampling steps) or None (all of the "
                          f"schedule's steps); got {steps!r}")
+    C.check_bool(use_clipped_model_output, "use_clipped_model_output")
+    if use_clipped_model_output and method != "ddim":
+        warnings.warn(f"use_clipped_model_output=True has no effect with method={method!r}: the DDPM step "
+                      "already uses only the clipped x0 (the option changes DDIM's direction term)",
+                      UserWarning, stacklevel=2)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
     if generator is not None and seed is not None:
@@ -351,7 +361,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
-    opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip)
+    opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip,
+                use_clipped_model_output=use_clipped_model_output and method == "ddim")
     flags = None  # graph batches: first bad step of each batch, read once at the end
     full = min(batch_size, n)  # every batch but a short last one
     layout = input_layout(model, shape)
@@ -465,6 +476,7 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
             kw["variance"] = variance
         else:
             kw["eta"] = opts["eta"]
+            kw["use_clipped_model_output"] = opts["use_clipped_model_output"]
         with torch.no_grad():
             x = step(s, x, i, mo, noise, prediction=opts["prediction"], clip=opts["clip"], **kw)
         bad = ~torch.isfinite(x).all()

@@ -8,7 +8,8 @@ formulas and their sources):
     x0   = clamp(x0, -clip, clip)
     DDPM: out = coef_x0 x0 + coef_xt x + [t > 0] sigma z,   sigma from fixed_small / fixed_large /
           learned_range (exp(0.5 (f log beta + (1 - f) log var_small)), f = (v + 1) / 2)
-    DDIM: out = sqrt(abar_prev) x0 + dir eps_raw + [t > 0] sigma_eta z
+    DDIM: out = sqrt(abar_prev) x0 + dir eps + [t > 0] sigma_eta z,   eps = eps_raw, or with
+          USE_CLIPPED eps = (sqrt(1/abar) x - x0) / sqrt(1/abar - 1) from the clipped x0
 
 Reads x, the model output (and v for learned_range), optionally noise; writes out and
 optionally x0. Grid: (B, blocks per sample), so t[b] and every coefficient is one scalar load.
@@ -47,7 +48,7 @@ def step_kernel(
     ROW_LOG_BETA: tl.constexpr, ROW_SQRT_ABAR_PREV: tl.constexpr,
     DDIM: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
     PER_SAMPLE_T: tl.constexpr, WRITE_X0: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
-    RNG_PTR: tl.constexpr, CHECK: tl.constexpr,
+    RNG_PTR: tl.constexpr, CHECK: tl.constexpr, USE_CLIPPED: tl.constexpr,
 ):
     b, pid, t, i, mask = program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T, BLOCK)
 
@@ -72,6 +73,8 @@ def step_kernel(
 
     # mean and standard deviation of the step
     if DDIM:
+        if USE_CLIPPED:  # eps re-derived from the clipped x0 (improved-diffusion, use_clipped_model_output)
+            eps = (_row(tab_ptr, ROW_SQRT_RECIP, S, t) * x - x0) / _row(tab_ptr, ROW_SQRT_RECIPM1, S, t)
         out = _row(tab_ptr, ROW_SQRT_ABAR_PREV, S, t) * x0 + tl.load(dir_ptr + t) * eps
         std = tl.load(sig_ptr + t)
     else:
@@ -104,7 +107,8 @@ def step_kernel(
 
 
 def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, prediction: str, variance: str,
-                 clip, seed, sample_offset: int, return_x0: bool, out=None, rng=None, flag=None):
+                 clip, seed, sample_offset: int, return_x0: bool, out=None, rng=None, flag=None,
+                 use_clipped_model_output: bool = False):
     """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a LongTensor (B,).
 
     For captured loops: rng, an int64 device tensor (seed_lo, seed_hi, sample_offset), replaces
@@ -150,7 +154,8 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
         ROW["log_beta"], ROW["sqrt_abar_prev"],
         DDIM=ddim, PRED=PRED[prediction], VAR=VAR[variance], CLIP=clip is not None, NOISE=noise_mode,
         PER_SAMPLE_T=per_sample, WRITE_X0=return_x0, LAYOUT_CL=layout == "cl", BLOCK=block,
-        RNG_PTR=rng is not None, CHECK=flag is not None, num_warps=warps,
+        RNG_PTR=rng is not None, CHECK=flag is not None, USE_CLIPPED=ddim and use_clipped_model_output,
+        num_warps=warps,
     )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)

@@ -41,8 +41,9 @@ def ho_step64(s, x, t, mo, z, prediction, variance, clip):
     return mean + nonzero * var.sqrt() * z
 
 
-def song_step64(s, x, t, mo, z, eta, prediction, clip):
-    """Song et al. 2021 eq. 12 in float64 (eps from the raw model output)."""
+def song_step64(s, x, t, mo, z, eta, prediction, clip, use_clipped=False):
+    """Song et al. 2021 eq. 12 in float64 (eps from the raw model output, or with use_clipped
+    re-derived from the clipped x0 by inverting eq. 4)."""
     x, mo, z = x.double(), mo.double(), z.double()
     abar, abar_prev = f64(s, "abar", t), f64(s, "abar_prev", t)
     if prediction == "eps":
@@ -56,5 +57,7 @@ def song_step64(s, x, t, mo, z, eta, prediction, clip):
         eps = abar.sqrt() * mo + (1 - abar).sqrt() * x
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
+    if use_clipped:
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
     sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
     return abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps + sigma * z

@@ -60,7 +60,7 @@ def signature(fn, args, kwargs):
 def step_configs():
     """One option changed at a time from a base launch, plus the captured loop's launches."""
     base = dict(ddim=False, prediction="eps", variance="fixed_small", clip=1.0, noise="seed", t_kind="int",
-                mo_dtype=torch.float32, graph=False, x0=False)
+                mo_dtype=torch.float32, graph=False, x0=False, clipped=False)
     choices = dict(ddim=(True,), prediction=("x0", "v"), variance=("fixed_large", "learned_range"), clip=(None,),
                    noise=("tensor", "none"), t_kind=("tensor",), mo_dtype=(torch.bfloat16, torch.float16),
                    x0=(True,))
@@ -68,6 +68,8 @@ def step_configs():
     for key, values in choices.items():
         for v in values:
             yield {**base, key: v}
+    yield {**base, "ddim": True, "clipped": True}  # DDIM's eps re-derived from the clipped x0 (USE_CLIPPED)
+    yield {**base, "ddim": True, "clipped": True, "noise": "none", "graph": True}
     for (ddim, variance, noise), mo_dtype in itertools.product(
             ((False, "fixed_small", "seed"), (False, "learned_range", "seed"), (True, "fixed_small", "none"),
              (True, "fixed_small", "seed")), (torch.float32, torch.bfloat16)):
@@ -97,7 +99,8 @@ def record_launches():
             step_mod.step_forward(s, x, t, mo, z, ddim=ddim, eta=0.0 if cfg["noise"] == "none" else 0.5,
                                   prediction=cfg["prediction"], variance=variance, clip=cfg["clip"], seed=seed,
                                   sample_offset=0, return_x0=cfg["x0"], out=x if graph else None,
-                                  rng=args if graph else None, flag=flag if graph else None)
+                                  rng=args if graph else None, flag=flag if graph else None,
+                                  use_clipped_model_output=cfg["clipped"])
         for draw, t_kind in itertools.product((True, False), ("int", "tensor")):
             t = torch.full((shape[0],), 5) if t_kind == "tensor" else 5
             q_mod.q_sample_forward(s, x, t, None if draw else torch.randn(shape), 3 if draw else None, 0)

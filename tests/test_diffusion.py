@@ -48,13 +48,70 @@ def test_ddpm_step_matches_ho_formulas(sched, prediction, variance, clip):
     rel_close(got, ho_step64(sched, x, t, mo, z, prediction, variance, clip), 1e-5)
 
 
-@pytest.mark.parametrize("prediction,clip,eta", list(itertools.product(
-    ["eps", "x0", "v"], [None, 1.0], [0.0, 0.5, 1.0])))
-def test_ddim_step_matches_song_eq12(sched, prediction, clip, eta):
+@pytest.mark.parametrize("prediction,clip,eta,use_clipped", list(itertools.product(
+    ["eps", "x0", "v"], [None, 1.0], [0.0, 0.5, 1.0], [False, True])))
+def test_ddim_step_matches_song_eq12(sched, prediction, clip, eta, use_clipped):
     x, mo, z = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
     t = mixed_t(sched, SHAPE[0])
-    got = diffusion.ddim_step(sched, x, t, mo, z, eta=eta, prediction=prediction, clip=clip)
-    rel_close(got, song_step64(sched, x, t, mo, z, eta, prediction, clip), 1e-5)
+    got = diffusion.ddim_step(sched, x, t, mo, z, eta=eta, prediction=prediction, clip=clip,
+                              use_clipped_model_output=use_clipped)
+    rel_close(got, song_step64(sched, x, t, mo, z, eta, prediction, clip, use_clipped), 1e-5)
+
+
+def test_use_clipped_model_output_changes_only_clipped_elements():
+    """Where x0 is not clipped, the re-derived eps is the raw eps; where it is, the step differs."""
+    s = Schedule.linear(1000).respace(50)
+    x, mo = torch.randn(SHAPE) * 3, torch.randn(SHAPE)
+    t = mixed_t(s, SHAPE[0])
+    raw, x0 = diffusion.ddim_step(s, x, t, mo, return_x0=True)
+    rederived = diffusion.ddim_step(s, x, t, mo, use_clipped_model_output=True)
+    inside = (x0.abs() < 1).expand_as(x) & (t > 0).view(-1, 1, 1, 1)
+    clipped = (x0.abs() == 1).expand_as(x) & (t > 0).view(-1, 1, 1, 1)
+    assert inside.any() and clipped.any()
+    torch.testing.assert_close(rederived[inside], raw[inside], rtol=1e-5, atol=1e-5)
+    assert (rederived - raw)[clipped].abs().mean() > 1e-2
+
+
+def improved_diffusion_ddim_step(s, x, t, mo, noise, eta, prediction, dtype=torch.float32):
+    """improved-diffusion's GaussianDiffusion.ddim_sample (openai/improved-diffusion,
+    gaussian_diffusion.py), written out from its source: float64 numpy tables gathered and cast
+    to float32 (`_extract_into_tensor`), pred_xstart clipped to [-1, 1] (`p_mean_variance`), eps
+    re-derived from it (`_predict_eps_from_xstart`), then eq. 12 in float32. It has eps (EPSILON)
+    and x0 (START_X) models only. dtype=float64 evaluates the same code in float64."""
+    x, mo, noise = x.to(dtype), mo.to(dtype), noise.to(dtype)
+
+    def extract(arr, shape):
+        return arr[t].to(dtype).view(-1, *([1] * (len(shape) - 1)))
+
+    abar64 = s.alphas_cumprod
+    sqrt_recip = (1.0 / abar64).sqrt()
+    sqrt_recipm1 = (1.0 / abar64 - 1).sqrt()
+    if prediction == "eps":
+        pred_xstart = extract(sqrt_recip, x.shape) * x - extract(sqrt_recipm1, x.shape) * mo
+    else:
+        pred_xstart = mo
+    pred_xstart = pred_xstart.clamp(-1, 1)
+    eps = (extract(sqrt_recip, x.shape) * x - pred_xstart) / extract(sqrt_recipm1, x.shape)
+    alpha_bar = extract(abar64, x.shape)
+    alpha_bar_prev = extract(s.alphas_cumprod_prev, x.shape)
+    sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+    mean_pred = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+    nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
+    return mean_pred + nonzero_mask * sigma * noise
+
+
+@pytest.mark.parametrize("prediction,eta", list(itertools.product(["eps", "x0"], [0.0, 1.0])))
+def test_use_clipped_model_output_equals_improved_diffusion_ddim(sched, prediction, eta):
+    x, mo, z = torch.randn(SHAPE) * 2, torch.randn(SHAPE), torch.randn(SHAPE)
+    t = mixed_t(sched, SHAPE[0])
+    got = diffusion.ddim_step(sched, x, t, mo, z, eta=eta, prediction=prediction, clip=1.0,
+                              use_clipped_model_output=True)
+    rel_close(got, improved_diffusion_ddim_step(sched, x, t, mo, z, eta, prediction, torch.float64), 1e-5)
+    # as written it takes 1 - abar_prev in float32: ~1e-4 relative near t = 0 (DESIGN.md, Numerics),
+    # amplified where a large x_t meets a clipped x0 (the re-derived eps is then large)
+    rel_close(got, improved_diffusion_ddim_step(sched, x, t, mo, z, eta, prediction), 5e-4)
+    raw = diffusion.ddim_step(sched, x, t, mo, z, eta=eta, prediction=prediction, clip=1.0)
+    assert (got - raw).abs().max() > 1e-2  # the option is what makes them agree
 
 
 def test_scalar_t_equals_per_sample_t():
@@ -164,8 +221,9 @@ def test_ddpm_step_agrees_with_diffusers(num_steps, prediction, variance, clip):
 
 
 @pytest.mark.parametrize("num_steps,spacing", [(1000, "leading"), (50, "leading"), (50, "trailing")])
-@pytest.mark.parametrize("prediction,clip,eta", list(itertools.product(["eps", "x0", "v"], [None, 1.0], [0.0, 1.0])))
-def test_ddim_step_agrees_with_diffusers(num_steps, spacing, prediction, clip, eta):
+@pytest.mark.parametrize("prediction,clip,eta,use_clipped", list(itertools.product(
+    ["eps", "x0", "v"], [None, 1.0], [0.0, 1.0], [False, True])))
+def test_ddim_step_agrees_with_diffusers(num_steps, spacing, prediction, clip, eta, use_clipped):
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, prediction_type=DIFFUSERS_PRED[prediction],
                                     clip_sample=clip is not None, clip_sample_range=clip or 1.0,
@@ -175,8 +233,10 @@ def test_ddim_step_agrees_with_diffusers(num_steps, spacing, prediction, clip, e
     for i in (s.num_steps - 1, s.num_steps // 2, 1):
         x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
         ts = int(s.timesteps[i])
-        want = sched.step(mo, ts, x, eta=eta, generator=torch.Generator().manual_seed(i)).prev_sample
-        got = diffusion.ddim_step(s, x, i, mo, _diffusers_noise(i, SHAPE), eta=eta, prediction=prediction, clip=clip)
+        want = sched.step(mo, ts, x, eta=eta, generator=torch.Generator().manual_seed(i),
+                          use_clipped_model_output=use_clipped).prev_sample
+        got = diffusion.ddim_step(s, x, i, mo, _diffusers_noise(i, SHAPE), eta=eta, prediction=prediction, clip=clip,
+                                  use_clipped_model_output=use_clipped)
         rel_close(got, want, 5e-4)
 
 
@@ -201,6 +261,8 @@ def test_argument_errors():
         (lambda: diffusion.ddpm_step(s, x, 3, mo, seed=-1), ValueError, "seed"),
         (lambda: diffusion.ddim_step(s, x, 3, mo, z, eta=-0.5), ValueError, "eta"),
         (lambda: diffusion.ddim_step(s, x, 3, mo, None, eta=0.5), ValueError, "noise is required"),
+        (lambda: diffusion.ddim_step(s, x, 3, mo, use_clipped_model_output=1), TypeError,
+         "use_clipped_model_output must be True or False; got 1"),
         (lambda: diffusion.ddpm_step("s", x, 3, mo, z), TypeError, "Schedule"),
         (lambda: diffusion.ddpm_step(s, x, torch.zeros(5, dtype=torch.long, device="meta"), mo, z), ValueError,
          "device"),

@@ -61,13 +61,14 @@ def emulate(monkeypatch):
 
 
 # ------------------------------------------------------------------------ CPU (emulated)
-@pytest.mark.parametrize("method,eta,variance", [("ddpm", 0.0, "fixed_small"), ("ddpm", 0.0, "fixed_large"),
-                                                 ("ddim", 0.0, "fixed_small"), ("ddim", 0.7, "fixed_small")])
-def test_graph_loop_equals_fused_and_reference(emulate, method, eta, variance):
+@pytest.mark.parametrize("method,eta,variance,use_clipped", [
+    ("ddpm", 0.0, "fixed_small", False), ("ddpm", 0.0, "fixed_large", False), ("ddim", 0.0, "fixed_small", False),
+    ("ddim", 0.7, "fixed_small", False), ("ddim", 0.7, "fixed_small", True)])
+def test_graph_loop_equals_fused_and_reference(emulate, method, eta, variance, use_clipped):
     """12 steps = 2 chunks of 5 + a tail of 2; 5 samples in batches of 3 (the last one short)."""
     s, model = gaussian_model()
     kw = dict(schedule=s, steps=12, method=method, eta=eta, variance=variance, batch_size=3, seed=2**40 + 11,
-              sample_offset=5)
+              sample_offset=5, use_clipped_model_output=use_clipped, clip=0.5)
     runs = {b: fastddpm.sample(model, 5, backend=b, **kw) for b in ("reference", "fused", "graph")}
     assert torch.isfinite(runs["graph"]).all()
     assert rel(runs["graph"], runs["fused"]) < 1e-5

@@ -92,6 +92,40 @@ def test_ddim_step_equals_reference(sched, shape, prediction, eta, clip, noise_m
     close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("prediction,eta,clip,noise_mode", [
+    ("eps", 0.0, 1.0, "tensor"), ("eps", 1.0, 1.0, "seed"), ("x0", 0.3, 1.0, "tensor"), ("v", 0.0, 1.0, "seed"),
+    ("v", 1.0, None, "tensor"), ("eps", 0.0, None, "seed")])
+def test_ddim_use_clipped_model_output_equals_reference(sched, shape, prediction, eta, clip, noise_mode):
+    """The kernel's USE_CLIPPED variant: eps re-derived from the clipped x0, x0 written too."""
+    x = torch.randn(shape, device=dev()) * 2
+    mo = torch.randn(shape, device=dev())
+    t = mixed_t(sched, shape[0])
+    kw = dict(eta=eta, prediction=prediction, clip=clip, use_clipped_model_output=True, return_x0=True)
+    noise = dict(noise=torch.randn(shape, device=dev())) if noise_mode == "tensor" else dict(seed=9, sample_offset=2)
+    want, want_x0 = diffusion.ddim_step(sched, x, t, mo, **noise, **kw)
+    got, got_x0 = ops.ddim_step(sched, x, t, mo, **noise, out=poisoned(shape), **kw)
+    close(got, want, 1e-5)
+    close(got_x0, want_x0, 1e-5)
+    if clip is not None:  # the variant really re-derives eps (visible at mid-schedule steps)
+        mid = dict(noise, noise=None, seed=0) if noise_mode == "tensor" else noise
+        a, b = (ops.ddim_step(sched, x, sched.num_steps // 8, mo, **mid, eta=eta, prediction=prediction, clip=clip,
+                              use_clipped_model_output=flag) for flag in (True, False))
+        assert (a - b).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ddim_use_clipped_half_precision_model_output(sched, dtype):
+    shape = (3, 3, 17, 29)
+    x = torch.randn(shape, device=dev()) * 2
+    mo32 = torch.randn(shape, device=dev())
+    t = mixed_t(sched, 3)
+    kw = dict(seed=1, eta=0.5, use_clipped_model_output=True)
+    got = ops.ddim_step(sched, x, t, mo32.to(dtype), out=poisoned(shape), **kw)
+    close(got, diffusion.ddim_step(sched, x, t, mo32.to(dtype), **kw), TOL[dtype])
+    close(got, diffusion.ddim_step(sched, x, t, mo32, **kw), 1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
 def test_half_precision_model_outputs(sched, dtype, variance):
@@ -201,6 +235,8 @@ def test_kernel_noise_equals_torch_philox(sched):
 # ---------------------------------------------------------------------------- errors and fallback
 def test_argument_errors(sched):
     x = torch.randn(2, 3, 4, 4, device=dev())
+    with pytest.raises(TypeError, match="use_clipped_model_output must be True or False; got 'yes'"):
+        ops.ddim_step(sched, x, 3, x, use_clipped_model_output="yes")
     with pytest.raises(ValueError, match="out must have shape"):
         ops.ddpm_step(sched, x, 3, x, x, out=torch.empty(2, 3, 4, device=dev()))
     with pytest.raises(TypeError, match="out must be float32"):

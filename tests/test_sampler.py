@@ -200,12 +200,13 @@ def test_argument_errors():
         fastddpm.sample(lambda x, t: "x", 2, shape=(1, 2, 2), steps=2)
 
 
-@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
-def test_fused_backend_equals_reference(method, eta):
+@pytest.mark.parametrize("method,eta,use_clipped", [("ddpm", 0.0, False), ("ddim", 0.0, False), ("ddim", 1.0, False),
+                                                   ("ddim", 0.0, True), ("ddim", 1.0, True)])
+def test_fused_backend_equals_reference(method, eta, use_clipped):
     """The fused loop (Triton steps, here under the interpreter) gives the reference's samples:
     seed mode (in-kernel vs torch Philox noise) and generator mode (the same torch draws)."""
     s, mu, sd, model = gaussian_model()
-    kw = dict(schedule=s, steps=12, method=method, eta=eta, batch_size=3)
+    kw = dict(schedule=s, steps=12, method=method, eta=eta, batch_size=3, use_clipped_model_output=use_clipped)
     for noise in (dict(seed=4), dict(generator=None)):
         runs = {}
         for backend in ("reference", "fused"):
@@ -214,6 +215,22 @@ def test_fused_backend_equals_reference(method, eta):
             runs[backend] = fastddpm.sample(model, 5, backend=backend, **kw, **noise)
         rel = (runs["fused"] - runs["reference"]).norm() / runs["reference"].norm()
         assert rel < 1e-5, rel
+
+
+def test_use_clipped_model_output_in_the_loop():
+    """DDIM: the option changes the samples where x0 gets clipped (the Gaussian data reaches
+    beyond [-1, 1]); with method="ddpm" it changes nothing, and says so."""
+    s, mu, sd, model = gaussian_model()
+    kw = dict(schedule=s, steps=12, seed=3, clip=0.5)
+    raw = fastddpm.sample(model, 4, method="ddim", **kw)
+    rederived = fastddpm.sample(model, 4, method="ddim", use_clipped_model_output=True, **kw)
+    assert (raw - rederived).abs().max() > 1e-3
+    ddpm = fastddpm.sample(model, 4, method="ddpm", **kw)
+    with pytest.warns(UserWarning, match=r"use_clipped_model_output=True has no effect with method='ddpm'"):
+        same = fastddpm.sample(model, 4, method="ddpm", use_clipped_model_output=True, **kw)
+    torch.testing.assert_close(same, ddpm, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="use_clipped_model_output must be True or False; got None"):
+        fastddpm.sample(model, 4, use_clipped_model_output=None, **kw)
 
 
 def test_backend_selection():
