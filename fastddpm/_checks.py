@@ -5,6 +5,7 @@ argument, what was given and what is allowed.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -150,3 +151,42 @@ def check_device(device, name="device"):
             raise ValueError(f"{name}={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA "
                              f"device(s) (indices 0..{torch.cuda.device_count() - 1})")
     return dev
+
+
+def _accepts_positional(fn, n):
+    """Whether fn can be called with n positional arguments (None when its signature is unknown)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(*range(n))
+    except TypeError:
+        return False
+    return True
+
+
+def check_self_condition(model, self_condition):
+    """self_condition=True calls model(x, t, x_self_cond) (denoising-diffusion-pytorch's Unet);
+    refuse a model that would ignore the third argument, and one that needs it but would not get it."""
+    check_bool(self_condition, "self_condition")
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    flag = getattr(model, "self_condition", None)
+    name = type(model).__name__
+    if isinstance(flag, bool) and flag != self_condition:
+        if flag:
+            raise ValueError(f"self_condition=False, but this {name} has self_condition=True: it expects "
+                             "model(x, t, x_self_cond) with the previous step's x0 prediction; pass "
+                             "self_condition=True")
+        raise ValueError(f"self_condition=True, but this {name} has self_condition=False: it would ignore "
+                         "x_self_cond; pass self_condition=False")
+    if self_condition:
+        if "diffusers" in type(model).__module__:
+            raise ValueError(f"self_condition=True, but {name} is a diffusers model: its third argument is not a "
+                             "self-conditioning input; pass self_condition=False")
+        if _accepts_positional(fn, 3) is False:
+            raise ValueError(f"self_condition=True calls model(x, t, x_self_cond), but this {name} takes "
+                             f"{inspect.signature(fn)}; pass self_condition=False or give it a third argument")
+    elif _accepts_positional(fn, 2) is False and _accepts_positional(fn, 3):
+        raise ValueError(f"this {name} takes {inspect.signature(fn)}, a third argument: if it is a "
+                         "self-conditioning input (the previous step's x0), pass self_condition=True")

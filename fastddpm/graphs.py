@@ -4,8 +4,9 @@ At small and medium batches a sampling step is dominated by launch and Python ov
 Here the whole loop runs from captured CUDA graphs:
 
 - static buffers: the state x (B, C, H, W) float32, the step index of every sample i (B,)
-  int64, the noise stream's (seed_lo, seed_hi, first sample) rng (3,) int64, and the
-  first-bad-step flag () int64, all on the device;
+  int64, the noise stream's (seed_lo, seed_hi, first sample) rng (3,) int64, the
+  first-bad-step flag () int64 and, for self-conditioning, the previous step's x0 (like x),
+  all on the device;
 - one step = timesteps[i] gathered on the device -> model(x, t) -> the fused step kernel
   (noise drawn in the kernel from rng, t read from i, the non-finite check folded into the
   kernel as an atomic max into the flag) -> i -= 1. Nothing in it reads the host;
@@ -129,7 +130,7 @@ def cached_entries(model) -> int:
 class LoopPlan:
     """One batch's sampling loop on static buffers, with the step index on the device.
 
-    forward(x, t) -> model output is the model call (dtype casts and autocast included);
+    forward(x, t[, x0]) -> model output is the model call (dtype casts and autocast included);
     begin() draws x_T and resets the index and flag; step() runs one step. Both only launch
     device work on device data, so they can be captured."""
 
@@ -146,13 +147,15 @@ class LoopPlan:
         self.i = torch.empty(B, dtype=torch.long, device=device)
         self.rng = torch.zeros(3, dtype=torch.long, device=device)
         self.flag = torch.full((), -1, dtype=torch.long, device=device)
+        # self-conditioning: the previous step's clipped x0, written by the step kernel
+        self.x0 = torch.zeros_like(self.x) if opts["self_condition"] else None
         self.timesteps = s.timesteps_on(device)
         ddim = opts["method"] == "ddim"
         # the captured launches read these by address: hold them for the life of the plan
         self._tables = (s.table(device), s.ddim_rows(device, opts["eta"]) if ddim else None)
         self.kw = dict(ddim=ddim, eta=opts["eta"] if ddim else 0.0, prediction=opts["prediction"],
                        variance=opts["variance"] if not ddim else "fixed_small", clip=opts["clip"],
-                       seed=None, sample_offset=0, return_x0=False,
+                       seed=None, sample_offset=0, return_x0=self.x0 is not None,
                        use_clipped_model_output=ddim and opts["use_clipped_model_output"])
 
     def set_rng(self, seed: int, first_sample: int):
@@ -164,14 +167,20 @@ class LoopPlan:
         from .kernels.noise import normal_forward
 
         normal_forward(self.x, rng.TAG_INIT, rng=self.rng)
+        if self.x0 is not None:
+            self.x0.zero_()
         self.i.fill_(self.S - 1)
         self.flag.fill_(-1)
 
     def step(self):
         t = torch.index_select(self.timesteps, 0, self.i)
-        mo = self.forward(self.x, t)
-        self._step_forward(self.s, self.x, self.i, mo, None, **self.kw, out=self.x, rng=self.rng, flag=self.flag)
+        mo = self.forward(self.x, t, *self._cond())
+        self._step_forward(self.s, self.x, self.i, mo, None, **self.kw, out=self.x, rng=self.rng, flag=self.flag,
+                           x0_out=self.x0)
         self.i.sub_(1)
+
+    def _cond(self):
+        return () if self.x0 is None else (self.x0,)
 
     def steps(self, k: int):
         for _ in range(k):
@@ -182,9 +191,11 @@ class LoopPlan:
         (a channels_last model keeps a channels_last state, so the step never copies)."""
         self.begin()
         t = torch.index_select(self.timesteps, 0, self.i)
-        mo = self.forward(self.x, t)
+        mo = self.forward(self.x, t, *self._cond())
         check_output(mo, self.x)
         self.x = follow_layout(self.x, mo)
+        if self.x0 is not None:
+            self.x0 = follow_layout(self.x0, mo)
 
 
 # ----------------------------------------------------------------------------------- loop

@@ -38,9 +38,10 @@ from .schedule import Schedule
 __all__ = ["sample", "call_model", "resolve_backend", "make_forward"]
 
 
-def call_model(model, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """model(x, t) -> tensor; accepts outputs with `.sample` (diffusers) or tuples."""
-    out = model(x, timesteps)
+def call_model(model, x: torch.Tensor, timesteps: torch.Tensor, *cond) -> torch.Tensor:
+    """model(x, t, *cond) -> tensor; accepts outputs with `.sample` (diffusers) or tuples.
+    cond is (x_self_cond,) for a self-conditioned model, else empty."""
+    out = model(x, timesteps, *cond)
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "sample"):
@@ -191,10 +192,10 @@ def _compiled_calls_get(model):
 def _new_compiled_call(model):
     ref, warned = _weak(model), []
 
-    def model_call(x, t):
+    def model_call(x, t, *cond):
         if not torch.compiler.is_compiling():  # only reached when Dynamo did not compile this call
             _warn_uncompiled(ref(), warned)
-        return call_model(ref(), x, t)
+        return call_model(ref(), x, t, *cond)
 
     name = f"fastddpm_model_call_{id(model):x}"
     code = model_call.__code__.replace(co_name=name)
@@ -221,8 +222,9 @@ def _warn_uncompiled(model, warned):
 
 
 def make_forward(model, model_dtype, autocast, compile=False, batch=None):
-    """forward(x float32, t) -> model output: x cast to the model's dtype, autocast when the
-    weights are float32 and dtype= asked for half precision, no autograd.
+    """forward(x float32, t[, x_self_cond float32]) -> model output: x (and x_self_cond) cast to
+    the model's dtype, autocast when the weights are float32 and dtype= asked for half
+    precision, no autograd.
 
     One autocast setting everywhere (its weight-cast cache off): the cache lives for one call
     only (the context is entered per call), must not outlive a CUDA-graph capture, and Dynamo
@@ -231,18 +233,21 @@ def make_forward(model, model_dtype, autocast, compile=False, batch=None):
     along dim 0, so every short batch of a model shares one compiled graph (Dynamo still
     specialises a batch of 1)."""
     ref = _weak(model)
-    call = _compiled_call(model) if compile else (lambda x, t: call_model(ref(), x, t))
+    call = _compiled_call(model) if compile else (lambda x, t, *cond: call_model(ref(), x, t, *cond))
 
-    def forward(x, t):
+    def forward(x, t, *cond):
         xm = x.to(model_dtype)
+        cm = tuple(c.to(model_dtype) for c in cond)
         if compile:
             t = t.contiguous()  # the eager loops' t is an expanded scalar: one stride for Dynamo's guards
             if batch is not None and x.shape[0] < batch:
                 torch._dynamo.maybe_mark_dynamic(xm, 0)
                 torch._dynamo.maybe_mark_dynamic(t, 0)
+                for c in cm:
+                    torch._dynamo.maybe_mark_dynamic(c, 0)
         with torch.autocast(x.device.type, dtype=model_dtype, enabled=autocast, cache_enabled=False), \
                 torch.no_grad():
-            return call(xm, t)
+            return call(xm, t, *cm)
 
     return forward
 
@@ -264,7 +269,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
            clip: float | None = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
            batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
            progress: bool = False, sample_offset: int = 0, compile: bool = False,
-           use_clipped_model_output: bool = False) -> torch.Tensor:
+           use_clipped_model_output: bool = False, self_condition: bool = False) -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
 
     model: callable model(x (B, C, H, W), t LongTensor (B,) of ORIGINAL training timesteps)
@@ -284,6 +289,10 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         clipped x0 (improved-diffusion's and denoising-diffusion-pytorch's DDIM; diffusers'
         option of that name) instead of the raw model eps. DDPM's step reads only the clipped
         x0, so with method="ddpm" it changes nothing, and True there warns.
+    self_condition: call model(x, t, x_self_cond) with the previous step's predicted x0
+        (clipped when clip is set; zeros at the first step), as denoising-diffusion-pytorch
+        does for a Unet(self_condition=True). A model whose `self_condition` attribute says
+        otherwise, or whose signature does not fit, is refused.
     batch_size: images per model call (default min(n, 256)).
     dtype: precision of the model call (autocast when the model's weights are float32, which
         re-casts the weights every step: a model cast to bf16 itself is faster);
@@ -345,6 +354,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         batch_size = min(n, 256)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    C.check_self_condition(model, self_condition)
     shape = _resolve_shape(model, shape)
     s = _resolve_schedule(model, schedule, steps)
     _check_consistent(model, s, method, prediction, variance, clip)
@@ -362,7 +372,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
 
         bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
     opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip,
-                use_clipped_model_output=use_clipped_model_output and method == "ddim")
+                use_clipped_model_output=use_clipped_model_output and method == "ddim", self_condition=self_condition)
     flags = None  # graph batches: first bad step of each batch, read once at the end
     full = min(batch_size, n)  # every batch but a short last one
     layout = input_layout(model, shape)
@@ -449,6 +459,8 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
     step = _step_fn(backend, method)
     x = _initial_noise(shape, start, seed, generator, device, model_dtype)  # (B, C, H, W) float32
     x = x.contiguous(memory_format=layout)
+    # self-conditioning: the previous step's clipped x0, zeros before the first step
+    cond = (torch.zeros_like(x),) if opts["self_condition"] else ()
     timesteps = s.timesteps_on(device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     draws = method == "ddpm" or opts["eta"] > 0
@@ -456,7 +468,7 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
         t_model = timesteps[i].expand(B)
         first = i == s.num_steps - 1
         try:
-            mo = forward(x, t_model)
+            mo = forward(x, t_model, *cond)
         except Exception as e:
             if first and hasattr(e, "add_note"):
                 e.add_note(f"fastddpm.sample: the model failed on its first call with x of shape {tuple(x.shape)} "
@@ -466,6 +478,7 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
             _check_output(mo, x, variance)
             if backend == "fused":
                 x = follow_layout(x, mo)
+                cond = tuple(follow_layout(c, mo) for c in cond)
         noise, kw = None, {}
         if generator is not None:
             if draws and i > 0:
@@ -478,7 +491,10 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
             kw["eta"] = opts["eta"]
             kw["use_clipped_model_output"] = opts["use_clipped_model_output"]
         with torch.no_grad():
-            x = step(s, x, i, mo, noise, prediction=opts["prediction"], clip=opts["clip"], **kw)
+            x = step(s, x, i, mo, noise, prediction=opts["prediction"], clip=opts["clip"], return_x0=bool(cond), **kw)
+        if cond:
+            x, x0 = x
+            cond = (x0,)
         bad = ~torch.isfinite(x).all()
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, i), first_bad)
         if bar is not None:

@@ -39,3 +39,20 @@ class GaussianDataModel(nn.Module):
         x0 = self.mu + sa * self.sd**2 * resid
         out = {"eps": eps, "x0": x0, "v": sa * eps - s1 * x0}[self.prediction]
         return out.to(x.dtype)
+
+
+class SelfConditionedModel(nn.Module):
+    """A self-conditioned model as denoising-diffusion-pytorch's Unet(self_condition=True) is
+    called: model(x, t, x_self_cond) = base(x, t) + scale * tanh(x_self_cond), for tests of
+    the samplers' self-conditioning plumbing (x_self_cond visibly changes the output)."""
+
+    self_condition = True
+
+    def __init__(self, base: nn.Module, scale: float = 0.3):
+        super().__init__()
+        self.base = base
+        self.scale = scale
+        self.config = getattr(base, "config", None)
+
+    def forward(self, x, t, x_self_cond):
+        return self.base(x, t) + self.scale * torch.tanh(x_self_cond)

@@ -108,12 +108,13 @@ def step_kernel(
 
 def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, prediction: str, variance: str,
                  clip, seed, sample_offset: int, return_x0: bool, out=None, rng=None, flag=None,
-                 use_clipped_model_output: bool = False):
+                 use_clipped_model_output: bool = False, x0_out=None):
     """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a LongTensor (B,).
 
     For captured loops: rng, an int64 device tensor (seed_lo, seed_hi, sample_offset), replaces
     seed and sample_offset (so one captured launch serves any seed and batch); flag, an int64
-    device scalar, is raised to t (atomic max) when the new state holds a non-finite value."""
+    device scalar, is raised to t (atomic max) when the new state holds a non-finite value;
+    x0_out, a float32 buffer in x_t's layout, receives x0 when return_x0 (a static buffer)."""
     B = x_t.shape[0]
     C = x_t.shape[1]
     x_t, layout = pick_layout(x_t)
@@ -128,7 +129,12 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
     user_out = out
     if out is None or sample_layout(out) != layout:  # the kernel writes in the layout it walks
         out = torch.empty_like(x_t, dtype=torch.float32)
-    x0 = torch.empty_like(out) if return_x0 else out
+    if not return_x0:
+        x0 = out
+    elif x0_out is not None and sample_layout(x0_out) == layout:
+        x0 = x0_out
+    else:
+        x0 = torch.empty_like(out)
     tab = s.table(dev)
     if ddim:
         rows = s.ddim_rows(dev, eta)
@@ -159,4 +165,6 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
     )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)
+    if return_x0 and x0_out is not None and x0_out is not x0:
+        x0 = x0_out.copy_(x0)
     return (out, x0) if return_x0 else out

@@ -20,7 +20,7 @@ from torch import nn
 import fastddpm
 from fastddpm import Schedule, graphs
 from fastddpm.sampler import resolve_backend
-from fastddpm.testing import GaussianDataModel
+from fastddpm.testing import GaussianDataModel, SelfConditionedModel
 
 SHAPE = (2, 2, 3)
 CUDA = torch.cuda.is_available()
@@ -82,6 +82,41 @@ def test_graph_loop_on_a_unet_with_learned_range_and_channels_last(emulate):
     assert rel(fastddpm.sample(m, 3, backend="graph", **kw), ref) < 1e-5
     m = m.to(memory_format=torch.channels_last)
     assert rel(fastddpm.sample(m, 3, backend="graph", **kw), ref) < 1e-5
+
+
+class SelfConditionedUNet(nn.Module):
+    """denoising-diffusion-pytorch's self-conditioning on our U-Net: cat(x_self_cond, x) in."""
+
+    self_condition = True
+
+    def __init__(self):
+        super().__init__()
+        self.unet = fastddpm.UNet.from_preset("tiny", in_channels=6, out_channels=3)
+        self.config = type("Cfg", (), dict(in_channels=3, image_size=16))
+
+    def forward(self, x, t, x_self_cond):
+        return self.unet(torch.cat((x_self_cond, x), dim=1), t)
+
+
+@pytest.mark.parametrize("method,eta,use_clipped", [("ddpm", 0.0, False), ("ddim", 0.7, True)])
+def test_graph_loop_self_condition_keeps_x0_in_a_static_buffer(emulate, method, eta, use_clipped):
+    """The previous x0 crosses chunk boundaries (12 steps = 5 + 5 + 2) through LoopPlan.x0."""
+    s, base = gaussian_model()
+    model = SelfConditionedModel(base)
+    kw = dict(schedule=s, steps=12, method=method, eta=eta, clip=0.5, batch_size=3, seed=5, self_condition=True,
+              use_clipped_model_output=use_clipped)
+    runs = {b: fastddpm.sample(model, 5, backend=b, **kw) for b in ("reference", "fused", "graph")}
+    assert rel(runs["graph"], runs["reference"]) < 1e-5
+    assert rel(runs["fused"], runs["reference"]) < 1e-5
+
+
+def test_graph_loop_self_condition_on_a_channels_last_unet(emulate):
+    m = SelfConditionedUNet().eval()
+    kw = dict(steps=6, seed=1, batch_size=2, self_condition=True)
+    ref = fastddpm.sample(m, 3, backend="reference", **kw)
+    m = m.to(memory_format=torch.channels_last)
+    assert rel(fastddpm.sample(m, 3, backend="graph", **kw), ref) < 1e-5
+    assert rel(fastddpm.sample(m, 3, backend="fused", **kw), ref) < 1e-5
 
 
 def test_graph_loop_on_a_diffusers_unet2dmodel(emulate):
@@ -508,3 +543,17 @@ def test_gpu_two_threads_sampling_one_model_capture_once(monkeypatch):
     assert len(builds) == 2  # batch 4 and the short batch of 2, once each
     for seed in (1, 2):
         assert rel(results[seed], alone[seed]) < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_graph_self_condition_and_use_clipped_model_output():
+    """The captured loop with the static x0 buffer (self_condition) and the USE_CLIPPED kernel."""
+    graphs.clear_cache()
+    torch.manual_seed(0)
+    m = SelfConditionedUNet().cuda().eval()
+    for kw in (dict(method="ddpm"), dict(method="ddim", eta=0.0, use_clipped_model_output=True)):
+        kw.update(steps=10, batch_size=3, seed=7, self_condition=True)
+        g = fastddpm.sample(m, 5, backend="graph", **kw)
+        f = fastddpm.sample(m, 5, backend="fused", **kw)
+        r = fastddpm.sample(m, 5, backend="reference", **kw)
+        assert torch.isfinite(g).all() and rel(g, f) < 1e-4 and rel(f, r) < 1e-4, (rel(g, f), rel(f, r))

@@ -9,7 +9,7 @@ from torch import nn
 
 import fastddpm
 from fastddpm import Schedule
-from fastddpm.testing import GaussianDataModel
+from fastddpm.testing import GaussianDataModel, SelfConditionedModel
 from formulas import ho_step64, song_step64
 
 SHAPE = (2, 2, 3)  # 12 dimensions with different means and stds
@@ -231,6 +231,88 @@ def test_use_clipped_model_output_in_the_loop():
     torch.testing.assert_close(same, ddpm, rtol=0, atol=0)
     with pytest.raises(TypeError, match="use_clipped_model_output must be True or False; got None"):
         fastddpm.sample(model, 4, use_clipped_model_output=None, **kw)
+
+
+class Recorder(torch.nn.Module):
+    """Passes the calls through and keeps copies of every x_self_cond it was given."""
+
+    self_condition = True
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.conds = model, []
+
+    def forward(self, x, t, x_self_cond):
+        self.conds.append(x_self_cond.clone())
+        return self.model(x, t, x_self_cond)
+
+
+@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_self_condition_feeds_the_previous_clipped_x0(method, eta):
+    """model(x, t, x_self_cond) gets zeros first, then the previous step's clipped x0: the
+    loop written out by hand, with the same generator draws, gives the same images."""
+    s, mu, sd, base = gaussian_model()
+    model = Recorder(SelfConditionedModel(base))
+    kw = dict(schedule=s, steps=8, method=method, eta=eta, clip=0.6, self_condition=True, shape=SHAPE)
+    got = fastddpm.sample(model, 3, generator=torch.Generator().manual_seed(2), **kw)
+    r = s.respace(8)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn((3, *SHAPE), generator=gen)
+    cond = torch.zeros_like(x)
+    for k, i in enumerate(reversed(range(r.num_steps))):
+        torch.testing.assert_close(model.conds[k], cond, rtol=0, atol=0)
+        mo = model.model(x, r.timesteps[i].expand(3), cond)
+        noise = torch.randn((3, *SHAPE), generator=gen) if i > 0 and (method == "ddpm" or eta > 0) else None
+        if method == "ddpm":
+            x, cond = fastddpm.diffusion.ddpm_step(r, x, i, mo, noise, clip=0.6, return_x0=True)
+        else:
+            x, cond = fastddpm.diffusion.ddim_step(r, x, i, mo, noise, eta=eta, clip=0.6, return_x0=True)
+        assert cond.abs().max() <= 0.6
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+    assert (cond.abs() == 0.6).any()  # clipping happened, so "clipped" was tested
+    plain = fastddpm.sample(SelfConditionedModel(base, scale=0.0), 3, generator=torch.Generator().manual_seed(2),
+                            **kw)
+    assert (plain - got).abs().max() > 1e-3  # the self-conditioning input matters
+
+
+@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.5)])
+def test_self_condition_fused_equals_reference(method, eta):
+    s, mu, sd, base = gaussian_model()
+    model = SelfConditionedModel(base)
+    kw = dict(schedule=s, steps=10, method=method, eta=eta, clip=0.6, self_condition=True, batch_size=3)
+    for noise in (dict(seed=4), dict(generator=4)):
+        runs = {}
+        for backend in ("reference", "fused"):
+            if "generator" in noise:
+                noise = dict(generator=torch.Generator().manual_seed(4))
+            runs[backend] = fastddpm.sample(model, 5, backend=backend, **kw, **noise)
+        rel = (runs["fused"] - runs["reference"]).norm() / runs["reference"].norm()
+        assert rel < 1e-5, rel
+
+
+def test_self_condition_errors_name_the_argument():
+    s, mu, sd, base = gaussian_model()
+    kw = dict(schedule=s, steps=3)
+    with pytest.raises(ValueError, match=r"self_condition=False, but this SelfConditionedModel has "
+                                         r"self_condition=True.*pass self_condition=True"):
+        fastddpm.sample(SelfConditionedModel(base), 2, **kw)
+    with pytest.raises(ValueError, match=r"self_condition=True calls model\(x, t, x_self_cond\), but this "
+                                         r"GaussianDataModel takes \(x, t\)"):
+        fastddpm.sample(base, 2, self_condition=True, **kw)
+    with pytest.raises(ValueError, match=r"self_condition=True calls model\(x, t, x_self_cond\).*function"):
+        fastddpm.sample(lambda x, t: base(x, t), 2, shape=SHAPE, self_condition=True, **kw)
+    with pytest.raises(ValueError, match=r"takes \(x, t, cond\), a third argument.*pass self_condition=True"):
+        fastddpm.sample(lambda x, t, cond: base(x, t), 2, shape=SHAPE, **kw)
+    off = SelfConditionedModel(base)
+    off.self_condition = False
+    with pytest.raises(ValueError, match=r"self_condition=True, but this SelfConditionedModel has "
+                                         r"self_condition=False: it would ignore x_self_cond"):
+        fastddpm.sample(off, 2, self_condition=True, **kw)
+    with pytest.raises(TypeError, match="self_condition must be True or False; got 1"):
+        fastddpm.sample(base, 2, self_condition=1, **kw)
+    # optional third argument: fine either way
+    fastddpm.sample(lambda x, t, c=None: base(x, t), 2, shape=SHAPE, **kw)
+    fastddpm.sample(lambda x, t, c=None: base(x, t), 2, shape=SHAPE, self_condition=True, **kw)
 
 
 def test_backend_selection():
