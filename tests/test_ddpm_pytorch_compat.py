@@ -1,0 +1,277 @@
+"""fastddpm against lucidrains' denoising-diffusion-pytorch (2.3.4), installed, on the CPU.
+
+`fastddpm.sample(diffusion.model, n, **fastddpm.compat.sample_kwargs(diffusion), generator=g)`
+then `diffusion.unnormalize(x)` must give `diffusion.sample(n)` after `torch.manual_seed(s)`
+(the package draws from torch's global generator: the same stream as a CPU torch.Generator with
+that seed). Compared: final images and whole trajectories (every model input x_t, the timesteps
+and the self-conditioning input, recorded by a hook on the shared Unet) to 1e-4 relative L2,
+for DDPM and DDIM (eta 0 and 1), 3 objectives x 3 schedules, learned variance and
+self-conditioning, on the reference and fused backends.
+
+Install without its dependencies (it pulls torchvision, whose PyPI build drags a CUDA torch):
+    pip install --no-deps denoising-diffusion-pytorch==2.3.4 einops==0.8.2 ema-pytorch==0.8.3
+The trainer-only imports it makes at import time (torchvision, accelerate, scipy) are stubbed
+below while it imports, when they are missing; sampling never touches them.
+"""
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+
+import fastddpm
+from fastddpm import compat
+
+
+def _import_package():
+    stubs = {"torchvision": dict(transforms=types.ModuleType("torchvision.transforms"),
+                                 utils=types.ModuleType("torchvision.utils")),
+             "accelerate": dict(Accelerator=None), "scipy": {}, "scipy.optimize": dict(linear_sum_assignment=None)}
+    stubbed = []
+    for name, attrs in stubs.items():
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - missing, or a build that does not import with this torch
+            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+                del sys.modules[key]
+            mod = types.ModuleType(name)
+            mod.__dict__.update(attrs)
+            sys.modules[name] = mod
+            stubbed.append(name)
+    try:
+        return pytest.importorskip("denoising_diffusion_pytorch")
+    finally:
+        for name in stubbed:  # the stubs must not be seen by other tests (diffusers probes torchvision)
+            sys.modules.pop(name, None)
+
+
+ddp = _import_package()
+ddp_module = importlib.import_module("denoising_diffusion_pytorch.denoising_diffusion_pytorch")
+
+OBJECTIVES = ["pred_noise", "pred_x0", "pred_v"]
+SCHEDULES = ["linear", "cosine", "sigmoid"]
+N, IMAGE = 2, 8
+DDPM_T = 40            # DDPM: every training step is a sampling step; a short schedule keeps CPU time down
+DDIM_T, DDIM_S = 1000, 30  # DDIM: 30 of 1000 (33.3 apart: the package's truncation to int matters)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions on a shared CPU: one thread is ~50x faster than an oversubscribed pool."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def unet(seed=0, **kw):
+    torch.manual_seed(seed)
+    return ddp.Unet(dim=8, dim_mults=(1, 2), channels=3, attn_heads=2, attn_dim_head=8, flash_attn=False, **kw)
+
+
+class Trajectory:
+    """A forward pre-hook on the model: every call's x_t (copied: the fused loop updates its
+    state in place), timesteps and self-conditioning input (None -> zeros, as the Unet does)."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.register_forward_pre_hook(self.hook)
+
+    def hook(self, module, args):
+        x, t = args[0], args[1]
+        cond = args[2] if len(args) > 2 and args[2] is not None else torch.zeros_like(x)
+        self.calls.append((x.detach().clone(), t.detach().clone(), cond.detach().clone()))
+
+    def close(self):
+        self.handle.remove()
+        return self.calls
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
+
+
+def package_run(diffusion, seed):
+    trace = Trajectory(diffusion.model)
+    torch.manual_seed(seed)
+    images = diffusion.sample(batch_size=N)
+    return images, trace.close()
+
+
+def our_run(diffusion, seed, backend, **extra):
+    trace = Trajectory(diffusion.model)
+    x = fastddpm.sample(diffusion.model, N, **compat.sample_kwargs(diffusion), **extra,
+                        generator=torch.Generator().manual_seed(seed), backend=backend)
+    return diffusion.unnormalize(x), trace.close()
+
+
+def assert_same_run(diffusion, seed=3, backends=("reference", "fused"), tol=1e-4):
+    want, want_calls = package_run(diffusion, seed)
+    assert torch.isfinite(want).all()
+    for backend in backends:
+        got, calls = our_run(diffusion, seed, backend)
+        assert len(calls) == len(want_calls), (backend, len(calls), len(want_calls))
+        worst = 0.0
+        for k, ((x, t, c), (wx, wt, wc)) in enumerate(zip(calls, want_calls)):
+            assert torch.equal(t, wt), (backend, k, t, wt)
+            assert rel(x, wx) <= tol, (backend, "x_t at call", k, rel(x, wx))
+            if k > 0 or wc.abs().max() > 0:
+                assert rel(c, wc) <= tol, (backend, "x_self_cond at call", k, rel(c, wc))
+                worst = max(worst, rel(c, wc))
+            worst = max(worst, rel(x, wx))
+        assert rel(got, want) <= tol, (backend, "final images", rel(got, want))
+        print(f"{backend}: {len(calls)} steps, worst state {worst:.2e}, final images {rel(got, want):.2e}")
+
+
+# ------------------------------------------------------------------------------ sampling parity
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_ddpm_matches_the_package(objective, schedule):
+    """p_sample_loop: ancestral steps on every training timestep (stochastic: a random network
+    stays within ~1e-6 of the package, DESIGN.md Numerics)."""
+    d = ddp.GaussianDiffusion(unet(), image_size=IMAGE, timesteps=DDPM_T, objective=objective,
+                              beta_schedule=schedule).eval()
+    kw = compat.sample_kwargs(d)
+    assert kw["method"] == "ddpm" and kw["schedule"].num_steps == DDPM_T
+    assert_same_run(d)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_matches_the_package(objective, schedule, eta):
+    """ddim_sample: 30 of 1000 timesteps, noise re-derived from the clipped x0. Deterministic
+    DDIM (eta=0) on a random network is chaotic: float32 rounding differences (the package takes
+    1 - abar and the DDIM coefficients in float32, we in float64) grow ~10x every 5 steps, so a
+    1e-4 comparison is only meaningful over a few tens of steps; 30 stays well inside it. A
+    trained network, or the exact-eps Gaussian model of the other tests, is well conditioned."""
+    d = ddp.GaussianDiffusion(unet(), image_size=IMAGE, timesteps=DDIM_T, sampling_timesteps=DDIM_S,
+                              objective=objective, beta_schedule=schedule, ddim_sampling_eta=eta).eval()
+    kw = compat.sample_kwargs(d)
+    assert kw["method"] == "ddim" and kw["eta"] == eta and kw["use_clipped_model_output"]
+    assert kw["schedule"].num_steps == DDIM_S
+    assert_same_run(d)
+
+
+@pytest.mark.parametrize("objective", ["pred_noise", "pred_v"])
+def test_learned_variance_matches_the_package(objective):
+    """LearnedGaussianDiffusion: the second half of the output interpolates the log variance
+    (Nichol & Dhariwal eq. 15). Its p_mean_variance reads the first half as noise whatever
+    objective says (its loss trains it on noise), so prediction is eps for either objective."""
+    d = ddp.LearnedGaussianDiffusion(unet(learned_variance=True), image_size=IMAGE, timesteps=DDPM_T,
+                                     objective=objective, beta_schedule="linear").eval()
+    kw = compat.sample_kwargs(d)
+    assert kw["variance"] == "learned_range" and kw["prediction"] == "eps"
+    assert_same_run(d)
+
+
+@pytest.mark.parametrize("sampling,eta", [(None, 0.0), (DDIM_S, 0.0), (DDIM_S, 1.0)])
+def test_self_conditioning_matches_the_package(sampling, eta):
+    """Unet(self_condition=True): model(x, t, x_self_cond) with the previous step's clipped x0
+    (zeros first); the hook checks the self-conditioning input of every call too."""
+    T = DDPM_T if sampling is None else DDIM_T
+    d = ddp.GaussianDiffusion(unet(self_condition=True), image_size=IMAGE, timesteps=T, sampling_timesteps=sampling,
+                              objective="pred_noise", beta_schedule="cosine", ddim_sampling_eta=eta).eval()
+    assert compat.sample_kwargs(d)["self_condition"] is True
+    assert_same_run(d)
+    # the input matters: without it (zeros every step) the images differ
+    with pytest.raises(ValueError, match="self_condition=False, but this Unet has self_condition=True"):
+        fastddpm.sample(d.model, N, **{**compat.sample_kwargs(d), "self_condition": False})
+
+
+def test_self_conditioning_input_changes_the_images():
+    d = ddp.GaussianDiffusion(unet(self_condition=True), image_size=IMAGE, timesteps=DDPM_T,
+                              objective="pred_noise", beta_schedule="linear").eval()
+    kw = compat.sample_kwargs(d)
+    with_cond = fastddpm.sample(d.model, N, **kw, generator=torch.Generator().manual_seed(1))
+    zeros = fastddpm.sample(lambda x, t, c: d.model(x, t, torch.zeros_like(c)), N, **kw,
+                            generator=torch.Generator().manual_seed(1))
+    assert rel(zeros, with_cond) > 1e-2
+
+
+def test_without_use_clipped_model_output_ddim_differs():
+    """What the issue found: the package's DDIM re-derives the noise; without the option, no match."""
+    d = ddp.GaussianDiffusion(unet(), image_size=IMAGE, timesteps=DDIM_T, sampling_timesteps=DDIM_S,
+                              objective="pred_v", beta_schedule="sigmoid").eval()
+    want, _ = package_run(d, 5)
+    kw = {**compat.sample_kwargs(d), "use_clipped_model_output": False}
+    got = d.unnormalize(fastddpm.sample(d.model, N, **kw, generator=torch.Generator().manual_seed(5)))
+    assert rel(got, want) > 1e-2
+
+
+# ------------------------------------------------------------------------------ the mapping itself
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_is_the_packages_float64_betas(schedule):
+    fn = getattr(ddp_module, f"{schedule}_beta_schedule")
+    d = ddp.GaussianDiffusion(unet(), image_size=IMAGE, timesteps=1000, beta_schedule=schedule)
+    s = compat.sample_kwargs(d)["schedule"]
+    torch.testing.assert_close(s.betas, fn(1000), rtol=1e-12, atol=0)  # not the float32 buffer
+    assert s.betas.dtype == torch.float64
+
+
+def test_custom_schedule_kwargs_fall_back_to_the_float32_betas():
+    d = ddp.GaussianDiffusion(unet(), image_size=IMAGE, timesteps=DDPM_T, beta_schedule="sigmoid",
+                              schedule_fn_kwargs=dict(start=-2, end=2, tau=0.7), objective="pred_noise").eval()
+    s = compat.sample_kwargs(d)["schedule"]
+    torch.testing.assert_close(s.betas, ddp_module.sigmoid_beta_schedule(DDPM_T, start=-2, end=2, tau=0.7),
+                               rtol=1e-6, atol=0)
+    assert_same_run(d, backends=("reference",))
+
+
+def test_kwargs_and_ddim_timesteps():
+    d = ddp.GaussianDiffusion(unet(), image_size=(8, 16), timesteps=1000, sampling_timesteps=30, objective="pred_x0",
+                              ddim_sampling_eta=0.5, auto_normalize=False)
+    kw = compat.sample_kwargs(d)
+    assert {k: v for k, v in kw.items() if k != "schedule"} == dict(
+        method="ddim", eta=0.5, prediction="x0", variance="fixed_small", clip=1.0, shape=(3, 8, 16),
+        use_clipped_model_output=True, self_condition=False)
+    # the package's own expression in ddim_sample
+    times = torch.linspace(-1, 999, steps=31).int().tolist()
+    assert kw["schedule"].timesteps.tolist() == sorted(t for t in times if t >= 0)
+    assert kw["schedule"].timesteps.tolist()[:3] == [32, 65, 99]
+    ddpm = compat.sample_kwargs(ddp.GaussianDiffusion(unet(), image_size=8, timesteps=100, ddim_sampling_eta=0.5))
+    assert ddpm["method"] == "ddpm" and ddpm["eta"] == 0.0 and ddpm["use_clipped_model_output"] is False
+    assert ddpm["prediction"] == "v"  # the package's default objective
+
+
+def test_training_only_options_are_accepted():
+    d = ddp.GaussianDiffusion(unet(), image_size=IMAGE, timesteps=DDPM_T, objective="pred_noise",
+                              offset_noise_strength=0.1, immiscible=True, min_snr_loss_weight=True).eval()
+    assert_same_run(d, backends=("reference",))
+
+
+def test_what_cannot_be_honoured_is_refused():
+    learned_ddim = ddp.LearnedGaussianDiffusion(unet(learned_variance=True), image_size=IMAGE, timesteps=1000,
+                                                sampling_timesteps=30, objective="pred_noise")
+    with pytest.raises(NotImplementedError, match=r"LearnedGaussianDiffusion with DDIM sampling "
+                                                  r"\(sampling_timesteps=30 < timesteps=1000\)"):
+        compat.sample_kwargs(learned_ddim)
+    weighted = ddp.WeightedObjectiveGaussianDiffusion(unet(out_dim=8), image_size=IMAGE, timesteps=100)
+    with pytest.raises(NotImplementedError, match=r"WeightedObjectiveGaussianDiffusion.p_mean_variance is not "
+                                                  r"denoising-diffusion-pytorch's GaussianDiffusion"):
+        compat.sample_kwargs(weighted)
+
+    class MySampler(ddp.GaussianDiffusion):
+        def ddim_sample(self, shape, return_all_timesteps=False):
+            raise AssertionError
+
+    with pytest.raises(NotImplementedError, match=r"MySampler.ddim_sample is not denoising-diffusion-pytorch's"):
+        compat.sample_kwargs(MySampler(unet(), image_size=IMAGE, timesteps=100))
+
+    class Trained(ddp.GaussianDiffusion):  # overrides training only: accepted
+        def p_losses(self, *args, **kwargs):
+            return super().p_losses(*args, **kwargs)
+
+    assert compat.sample_kwargs(Trained(unet(), image_size=IMAGE, timesteps=100))["method"] == "ddpm"
+    d = ddp.GaussianDiffusion(unet(), image_size=IMAGE, timesteps=100)
+    d.objective = "pred_noise_squared"
+    with pytest.raises(NotImplementedError, match="objective='pred_noise_squared' is not supported"):
+        compat.sample_kwargs(d)
+
+
+def test_a_self_conditioned_unet_without_self_condition_is_refused():
+    with pytest.raises(ValueError, match=r"self_condition=False, but this Unet has self_condition=True"):
+        fastddpm.sample(unet(self_condition=True), 1, shape=(3, IMAGE, IMAGE), steps=2)
+    with pytest.raises(ValueError, match=r"self_condition=True, but this Unet has self_condition=False"):
+        fastddpm.sample(unet(), 1, shape=(3, IMAGE, IMAGE), steps=2, self_condition=True)
