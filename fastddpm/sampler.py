@@ -288,7 +288,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     use_clipped_model_output: DDIM only: the direction term uses eps re-derived from the
         clipped x0 (improved-diffusion's and denoising-diffusion-pytorch's DDIM; diffusers'
         option of that name) instead of the raw model eps. DDPM's step reads only the clipped
-        x0, so with method="ddpm" it changes nothing, and True there warns.
+        x0, so with method="ddpm" it would change nothing: True there is an error.
     self_condition: call model(x, t, x_self_cond) with the previous step's predicted x0
         (clipped when clip is set; zeros at the first step), as denoising-diffusion-pytorch
         does for a Unet(self_condition=True). A model whose `self_condition` attribute says
@@ -331,9 +331,9 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
                          f"schedule's steps); got {steps!r}")
     C.check_bool(use_clipped_model_output, "use_clipped_model_output")
     if use_clipped_model_output and method != "ddim":
-        warnings.warn(f"use_clipped_model_output=True has no effect with method={method!r}: the DDPM step "
-                      "already uses only the clipped x0 (the option changes DDIM's direction term)",
-                      UserWarning, stacklevel=2)
+        raise ValueError(f"use_clipped_model_output=True applies to method='ddim' only; got method={method!r}, "
+                         "whose step reads only the clipped x0, so it would change nothing; pass "
+                         "use_clipped_model_output=False or method='ddim'")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
     if generator is not None and seed is not None:
@@ -372,7 +372,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
 
         bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
     opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip,
-                use_clipped_model_output=use_clipped_model_output and method == "ddim", self_condition=self_condition)
+                use_clipped_model_output=use_clipped_model_output, self_condition=self_condition)
     flags = None  # graph batches: first bad step of each batch, read once at the end
     full = min(batch_size, n)  # every batch but a short last one
     layout = input_layout(model, shape)

@@ -219,16 +219,15 @@ def test_fused_backend_equals_reference(method, eta, use_clipped):
 
 def test_use_clipped_model_output_in_the_loop():
     """DDIM: the option changes the samples where x0 gets clipped (the Gaussian data reaches
-    beyond [-1, 1]); with method="ddpm" it changes nothing, and says so."""
+    beyond [-1, 1]); with method="ddpm" it would change nothing, and is refused."""
     s, mu, sd, model = gaussian_model()
     kw = dict(schedule=s, steps=12, seed=3, clip=0.5)
     raw = fastddpm.sample(model, 4, method="ddim", **kw)
     rederived = fastddpm.sample(model, 4, method="ddim", use_clipped_model_output=True, **kw)
     assert (raw - rederived).abs().max() > 1e-3
-    ddpm = fastddpm.sample(model, 4, method="ddpm", **kw)
-    with pytest.warns(UserWarning, match=r"use_clipped_model_output=True has no effect with method='ddpm'"):
-        same = fastddpm.sample(model, 4, method="ddpm", use_clipped_model_output=True, **kw)
-    torch.testing.assert_close(same, ddpm, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"use_clipped_model_output=True applies to method='ddim' only; got "
+                                         r"method='ddpm'.*pass use_clipped_model_output=False or method='ddim'"):
+        fastddpm.sample(model, 4, method="ddpm", use_clipped_model_output=True, **kw)
     with pytest.raises(TypeError, match="use_clipped_model_output must be True or False; got None"):
         fastddpm.sample(model, 4, use_clipped_model_output=None, **kw)
 
