@@ -70,6 +70,9 @@ def step_configs():
             yield {**base, key: v}
     yield {**base, "ddim": True, "clipped": True}  # DDIM's eps re-derived from the clipped x0 (USE_CLIPPED)
     yield {**base, "ddim": True, "clipped": True, "noise": "none", "graph": True}
+    # self-conditioning in the captured loop: x0 written to a static buffer
+    yield {**base, "x0": True, "graph": True}
+    yield {**base, "ddim": True, "clipped": True, "noise": "none", "graph": True, "x0": True}
     for (ddim, variance, noise), mo_dtype in itertools.product(
             ((False, "fixed_small", "seed"), (False, "learned_range", "seed"), (True, "fixed_small", "none"),
              (True, "fixed_small", "seed")), (torch.float32, torch.bfloat16)):

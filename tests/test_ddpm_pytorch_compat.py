@@ -65,8 +65,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def unet(seed=0, **kw):
-    torch.manual_seed(seed)
+def unet(**kw):
+    """A tiny random Unet: its weights come from the test's fresh seed (conftest)."""
     return ddp.Unet(dim=8, dim_mults=(1, 2), channels=3, attn_heads=2, attn_dim_head=8, flash_attn=False, **kw)
 
 
@@ -106,7 +106,8 @@ def our_run(diffusion, seed, backend, **extra):
     return diffusion.unnormalize(x), trace.close()
 
 
-def assert_same_run(diffusion, seed=3, backends=("reference", "fused"), tol=1e-4):
+def assert_same_run(diffusion, backends=("reference", "fused"), tol=1e-4):
+    seed = int(torch.randint(0, 2**31, ()))  # from the test's fresh seed: replayable
     want, want_calls = package_run(diffusion, seed)
     assert torch.isfinite(want).all()
     for backend in backends:
@@ -141,11 +142,15 @@ def test_ddpm_matches_the_package(objective, schedule):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_matches_the_package(objective, schedule, eta):
-    """ddim_sample: 30 of 1000 timesteps, noise re-derived from the clipped x0. Deterministic
-    DDIM (eta=0) on a random network is chaotic: float32 rounding differences (the package takes
-    1 - abar and the DDIM coefficients in float32, we in float64) grow ~10x every 5 steps, so a
-    1e-4 comparison is only meaningful over a few tens of steps; 30 stays well inside it. A
-    trained network, or the exact-eps Gaussian model of the other tests, is well conditioned."""
+    """ddim_sample: 30 of 1000 timesteps, noise re-derived from the clipped x0.
+
+    Why at most 30 steps: deterministic DDIM (eta=0) on a random network is chaotic, float32
+    rounding differences grow by orders of magnitude over tens of steps (DESIGN.md, Numerics),
+    and the two sides round differently: the package computes the DDIM coefficients in float32
+    from float32 abar, we in float64. With 30 steps the trajectories stay ~1e-6 apart, so 1e-4
+    is a real test. The largest gap (~1e-5..6e-5, eta=1 on the cosine schedule) is the
+    package's own float32 cancellation in c = sqrt(1 - abar_next - sigma^2) at the first step,
+    where abar ~ 2e-9: c is 4.5% off there (9.1e-4 against 9.6e-4 in float64)."""
     d = ddp.GaussianDiffusion(unet(), image_size=IMAGE, timesteps=DDIM_T, sampling_timesteps=DDIM_S,
                               objective=objective, beta_schedule=schedule, ddim_sampling_eta=eta).eval()
     kw = compat.sample_kwargs(d)
