@@ -224,9 +224,9 @@ class GraphLoop:
         plan, dev = self.plan, self.plan.device
         forward, model_errors = plan.forward, []
 
-        def tracked(x, t):  # tells the model's own failures from the capture machinery's
+        def tracked(x, t, *cond):  # tells the model's own failures from the capture machinery's
             try:
-                return forward(x, t)
+                return forward(x, t, *cond)
             except Exception as e:
                 model_errors.append(e)
                 raise
