@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .diffusers_schedule import (PREDICTION_FROM_DIFFUSERS, VARIANCE_FROM_DIFFUSERS, sampler_options,  # noqa: F401
                                  schedule_from_diffusers)
 from .schedule import Schedule
