@@ -406,12 +406,15 @@ def test_models_do_not_share_a_recompile_budget(count_compiles):
     assert count_compiles.frame_count == limit + 2
 
 
-def test_compile_true_warns_when_dynamo_runs_the_model_uncompiled(count_compiles, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+def test_compile_true_warns_when_dynamo_runs_the_model_uncompiled(count_compiles):
+    # torch's own config.patch, not monkeypatch: monkeypatch's undo leaves the option hidden
+    # ("torch._dynamo.config.recompile_limit does not exist") for every later compile
     m = ConvEps()
-    fastddpm.sample(m, 2, shape=(2, 5, 7), steps=2, backend="fused", compile=True)
-    with pytest.warns(RuntimeWarning, match=r"compile=True.*ran this ConvEps's call uncompiled.*recompile_limit = 1"):
-        got = fastddpm.sample(m, 3, shape=(2, 5, 7), steps=2, backend="fused", compile=True)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        fastddpm.sample(m, 2, shape=(2, 5, 7), steps=2, backend="fused", compile=True)
+        with pytest.warns(RuntimeWarning,
+                          match=r"compile=True.*ran this ConvEps's call uncompiled.*recompile_limit = 1"):
+            got = fastddpm.sample(m, 3, shape=(2, 5, 7), steps=2, backend="fused", compile=True)
     ref = fastddpm.sample(m, 3, shape=(2, 5, 7), steps=2, backend="fused")
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     assert count_compiles.frame_count == 1
