@@ -12,7 +12,8 @@ import torch
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-METHODS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+DPM_METHODS = ("dpmsolver++", "sde-dpmsolver++")  # fastddpm.dpm_solver (Lu et al. 2022)
 BACKENDS = ("auto", "reference", "fused", "graph")
 
 

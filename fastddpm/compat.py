@@ -11,8 +11,14 @@ ready to pass:
     x = fastddpm.sample(pipe.unet, 16, **fastddpm.compat.sample_kwargs(pipe.scheduler),
                         generator=torch.Generator().manual_seed(0))
 
+DPMSolverMultistepScheduler maps algorithm_type ("dpmsolver++" / "sde-dpmsolver++"),
+solver_order (1, 2), solver_type, timestep_spacing / steps_offset (through its timesteps),
+prediction_type, lower_order_final and euler_at_final (no-ops with final_sigmas_type="zero").
+
 Refused with an error, never silently changed: dynamic thresholding, zero-terminal-SNR
 rescaling, DDIM's set_alpha_to_one=False, variance_type="learned" (a raw log variance),
+DPM-Solver's Karras / exponential / beta / Lu / flow sigmas, final_sigmas_type="sigma_min",
+lambda_min_clipped, a variance_type, algorithm_type "dpmsolver" / "sde-dpmsolver", solver_order 3,
 and DDIM respacings whose `t - T // k` previous timestep is not the previous kept step.
 
 The one place where diffusers differs from the papers: DDPMScheduler adds noise at the
@@ -44,8 +50,9 @@ from .schedule import Schedule
 
 def sample_kwargs(scheduler) -> dict:
     """Keyword arguments for `fastddpm.sample` that reproduce a diffusers scheduler:
-    schedule (betas + respacing), method, prediction, clip and (DDPM) variance; or a
-    denoising-diffusion-pytorch GaussianDiffusion (see `gaussian_diffusion_kwargs`)."""
+    schedule (betas + respacing), method, prediction, clip, (DDPM) variance and (DPM-Solver++)
+    order and solver_type; or a denoising-diffusion-pytorch GaussianDiffusion (see
+    `gaussian_diffusion_kwargs`)."""
     if is_gaussian_diffusion(scheduler):
         return gaussian_diffusion_kwargs(scheduler)
 

@@ -43,6 +43,8 @@ def schedule_from_diffusers(cls, scheduler):
     base.source_options = options
     if getattr(scheduler, "num_inference_steps", None) is None:
         return base
+    if kind == "DPMSolverMultistepScheduler":
+        _check_dpm_sigmas(scheduler, base.alphas_cumprod)
     ts = torch.as_tensor(scheduler.timesteps).long().cpu()
     idx = torch.sort(ts).values
     k = idx.numel()
@@ -61,6 +63,8 @@ def schedule_from_diffusers(cls, scheduler):
 def sampler_options(scheduler) -> dict:
     """prediction / variance / clip / method of a diffusers scheduler, in fastddpm's terms."""
     kind = type(scheduler).__name__
+    if kind == "DPMSolverMultistepScheduler":
+        return dpm_solver_options(scheduler)
     pt = _cfg(scheduler, "prediction_type", "epsilon")
     if pt not in PREDICTION_FROM_DIFFUSERS:
         raise NotImplementedError(f"{kind} prediction_type={pt!r} is not supported; "
@@ -75,3 +79,66 @@ def sampler_options(scheduler) -> dict:
                                       f"{sorted(VARIANCE_FROM_DIFFUSERS)}")
         opts["variance"] = VARIANCE_FROM_DIFFUSERS[vt]
     return opts
+
+
+# DPMSolverMultistepScheduler options fastddpm cannot honour: (config name, value it needs, why)
+_DPM_REFUSED = (
+    ("thresholding", False, "dynamic thresholding; fastddpm supports fixed clipping only (clip=)"),
+    ("use_karras_sigmas", False, "Karras sigmas are noise levels between training timesteps, which a "
+                                 "fastddpm Schedule (one training timestep per step) cannot hold"),
+    ("use_exponential_sigmas", False, "another sigma family (noise levels between training timesteps)"),
+    ("use_beta_sigmas", False, "another sigma family (noise levels between training timesteps)"),
+    ("use_lu_lambdas", False, "another sigma family (noise levels between training timesteps)"),
+    ("use_flow_sigmas", False, "flow-matching sigmas"),
+    ("use_dynamic_shifting", False, "flow-matching timestep shifting"),
+    ("final_sigmas_type", "zero", "the last step to sigma_min; fastddpm's last step goes to sigma 0"),
+    ("variance_type", None, "a learned variance output"),
+    ("rescale_betas_zero_snr", False, "zero-terminal-SNR rescaling"),
+)
+
+
+def dpm_solver_options(scheduler) -> dict:
+    """method / order / solver_type / prediction / clip of a diffusers DPMSolverMultistepScheduler.
+
+    lower_order_final and euler_at_final are accepted either way: with final_sigmas_type="zero"
+    (the only one supported) diffusers' last step is first order whatever they say, as is
+    fastddpm's, and with solver_order <= 2 they change nothing else."""
+    kind = type(scheduler).__name__
+    for name, need, why in _DPM_REFUSED:
+        got = _cfg(scheduler, name, need)
+        if got != need:
+            raise NotImplementedError(f"{kind} has {name}={got!r} ({why}); fastddpm supports {name}={need!r} only")
+    lmc = _cfg(scheduler, "lambda_min_clipped", -float("inf"))
+    if lmc != -float("inf"):
+        raise NotImplementedError(f"{kind} has lambda_min_clipped={lmc!r}, which drops the last training steps; "
+                                  "fastddpm supports -inf (no clipping) only")
+    algo = _cfg(scheduler, "algorithm_type", "dpmsolver++")
+    if algo not in ("dpmsolver++", "sde-dpmsolver++"):
+        raise NotImplementedError(f"{kind} has algorithm_type={algo!r} (noise prediction DPM-Solver); supported: "
+                                  "'dpmsolver++', 'sde-dpmsolver++'")
+    order = _cfg(scheduler, "solver_order", 2)
+    if order not in (1, 2):
+        raise NotImplementedError(f"{kind} has solver_order={order!r}; supported: 1, 2")
+    solver_type = _cfg(scheduler, "solver_type", "midpoint")
+    if solver_type not in ("midpoint", "heun"):
+        raise NotImplementedError(f"{kind} has solver_type={solver_type!r}; supported: 'midpoint', 'heun'")
+    pt = _cfg(scheduler, "prediction_type", "epsilon")
+    if pt not in PREDICTION_FROM_DIFFUSERS:
+        raise NotImplementedError(f"{kind} prediction_type={pt!r} is not supported; "
+                                  f"supported: {sorted(PREDICTION_FROM_DIFFUSERS)}")
+    return {"prediction": PREDICTION_FROM_DIFFUSERS[pt], "clip": None, "method": algo, "order": int(order),
+            "solver_type": solver_type}
+
+
+def _check_dpm_sigmas(scheduler, abar):
+    """The scheduler's sigmas must be those of its kept training timesteps, then 0."""
+    ts = torch.as_tensor(scheduler.timesteps).long().cpu()
+    sig = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).cpu()
+    want = ((1 - abar[ts]) / abar[ts]).sqrt()
+    if sig.numel() != ts.numel() + 1 or float(sig[-1]) != 0.0 or \
+            not torch.allclose(sig[:-1], want, rtol=1e-5, atol=0):
+        raise NotImplementedError(f"{type(scheduler).__name__}'s sigmas are not the noise levels of its timesteps "
+                                  "followed by 0; fastddpm cannot follow this configuration")
+    if torch.unique(ts).numel() != ts.numel():
+        raise NotImplementedError(f"{type(scheduler).__name__} repeats timesteps ({ts.tolist()[:8]}...); "
+                                  "use fewer steps")

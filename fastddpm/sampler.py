@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from . import diffusion, rng
+from . import diffusion, dpm_solver, rng
 from .layout import follow_layout
 from .schedule import Schedule
 
@@ -88,12 +88,15 @@ def _resolve_shape(model, shape):
     return shape
 
 
-def _resolve_schedule(model, schedule, steps):
+def _resolve_schedule(model, schedule, steps, method="ddpm"):
     if schedule is None:
         schedule = getattr(model, "fastddpm_schedule", None) or Schedule.linear(1000)
     C.check_schedule(schedule)
     if steps is not None:
-        schedule = schedule.respace(steps)
+        if method in C.DPM_METHODS:  # DPMSolverMultistepScheduler's default "linspace" respacing
+            schedule = schedule.select(dpm_solver.dpm_indices(schedule.num_steps, steps, "linspace"))
+        else:
+            schedule = schedule.respace(steps)
     return schedule
 
 
@@ -115,7 +118,7 @@ def _resolve_device_dtype(model, device, dtype):
     return device, model_dtype, autocast
 
 
-def _check_consistent(model, s, method, prediction, variance, clip):
+def _check_consistent(model, s, method, prediction, variance, clip, dpm=None):
     """Refuse arguments that contradict what the model was trained with or what the diffusers
     scheduler the schedule came from is configured to do: never a silent difference."""
     trained = getattr(model, "fastddpm_prediction", None)
@@ -125,8 +128,10 @@ def _check_consistent(model, s, method, prediction, variance, clip):
     src = s.source_options
     if not src:
         return
-    given = {"prediction": prediction, "clip": clip, "variance": variance}
-    for key in ("prediction", "clip") + (("variance",) if method == "ddpm" and "variance" in src else ()):
+    given = {"prediction": prediction, "clip": clip, "variance": variance, **(dpm or {})}
+    keys = ("prediction", "clip") + (("variance",) if method == "ddpm" and "variance" in src else ())
+    keys += tuple(k for k in (dpm or {}) if k in src)
+    for key in keys:
         if given[key] != src[key]:
             raise ValueError(f"{key}={given[key]!r} contradicts the diffusers scheduler this schedule came from "
                              f"({key} {src[key]!r} in fastddpm's terms); pass {key}={src[key]!r}, or pass "
@@ -266,10 +271,11 @@ def input_layout(model, shape) -> torch.memory_format:
 
 def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps: int | None = None,
            method: str = "ddpm", eta: float = 0.0, prediction: str = "eps", variance: str = "fixed_small",
-           clip: float | None = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
+           clip: float | None | str = "auto", seed: int | None = None, generator: torch.Generator | None = None,
            batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
            progress: bool = False, sample_offset: int = 0, compile: bool = False,
-           use_clipped_model_output: bool = False, self_condition: bool = False) -> torch.Tensor:
+           use_clipped_model_output: bool = False, self_condition: bool = False, order: int | None = None,
+           solver_type: str = "midpoint") -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
 
     model: callable model(x (B, C, H, W), t LongTensor (B,) of ORIGINAL training timesteps)
@@ -277,7 +283,12 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     shape: (C, H, W); inferred from model.config (in_channels, image_size / sample_size) if omitted.
     schedule: the training schedule (default: model.fastddpm_schedule or linear(1000));
         steps=k respaces it to k steps ("leading").
-    method: "ddpm" (ancestral; `variance` applies) or "ddim" (`eta` applies).
+    method: "ddpm" (ancestral; `variance` applies), "ddim" (`eta` applies), "dpmsolver++" or
+        "sde-dpmsolver++" (Lu et al. 2022, multistep, see fastddpm.dpm_solver; `order` 1 or 2,
+        default 2, and `solver_type` "midpoint" or "heun" apply; steps=k respaces as diffusers'
+        DPMSolverMultistepScheduler does by default, "linspace").
+    clip: clamp predicted x0 to [-clip, clip], None for no clipping; "auto" (default): 1.0 for
+        ddpm / ddim, None for the DPM-Solver methods (diffusers' defaults).
     steps: respace the schedule to this many steps (a positive int); None (default) runs all of
         the schedule's steps. (The CLI's `--steps all` is the same.)
     eta: DDIM only (0 = deterministic); a nonzero eta with another method is an error.
@@ -323,7 +334,10 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     if eta != 0 and method != "ddim":
         raise ValueError(f"eta={eta} applies to method='ddim' only; got method={method!r} (its noise is set by "
                          "variance=); pass eta=0 or method='ddim'")
+    if isinstance(clip, str) and clip == "auto":
+        clip = None if method in C.DPM_METHODS else 1.0
     clip = C.check_clip(clip)
+    dpm = _check_dpm_args(method, order, solver_type, eta, variance)
     if method == "ddim" and variance == "learned_range":
         raise ValueError("variance='learned_range' applies to method='ddpm' only; DDIM's variance is set by eta")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
@@ -356,8 +370,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     C.check_self_condition(model, self_condition)
     shape = _resolve_shape(model, shape)
-    s = _resolve_schedule(model, schedule, steps)
-    _check_consistent(model, s, method, prediction, variance, clip)
+    s = _resolve_schedule(model, schedule, steps, method)
+    _check_consistent(model, s, method, prediction, variance, clip, dpm)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False; got {compile!r}")
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
@@ -372,7 +386,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
 
         bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
     opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip,
-                use_clipped_model_output=use_clipped_model_output, self_condition=self_condition)
+                use_clipped_model_output=use_clipped_model_output, self_condition=self_condition, **(dpm or {}))
     flags = None  # graph batches: first bad step of each batch, read once at the end
     full = min(batch_size, n)  # every batch but a short last one
     layout = input_layout(model, shape)
@@ -405,6 +419,27 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
             if step >= 0:
                 _raise_if_bad(step, s, sample_offset + starts[j])
     return out
+
+
+def _check_dpm_args(method, order, solver_type, eta, variance):
+    """{"order", "solver_type"} of a DPM-Solver method (order defaults to 2), else None; options
+    that do not apply to the method are refused rather than ignored."""
+    if method not in C.DPM_METHODS:
+        if order is not None:
+            raise ValueError(f"order applies to method='dpmsolver++' / 'sde-dpmsolver++' only; got order={order!r} "
+                             f"with method={method!r}")
+        if solver_type != "midpoint":
+            raise ValueError(f"solver_type applies to the DPM-Solver methods only; got solver_type={solver_type!r} "
+                             f"with method={method!r}")
+        return None
+    order = 2 if order is None else order
+    dpm_solver.check_dpm_options(method, order, solver_type)
+    if eta != 0:
+        raise ValueError(f"eta applies to method='ddim' only; got eta={eta} with method={method!r} "
+                         "(its stochastic variant is method='sde-dpmsolver++')")
+    if variance != "fixed_small":
+        raise ValueError(f"variance applies to method='ddpm' only; got variance={variance!r} with method={method!r}")
+    return {"order": order, "solver_type": solver_type}
 
 
 def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, full, layout, explicit):
@@ -443,11 +478,15 @@ def _check_output(mo, x, variance):
 
 
 def _step_fn(backend, method):
-    """The step function of a backend; the fused one updates the state in place (out=x)."""
+    """The step function of a backend; the fused one updates the state in place (out=x, and
+    for DPM-Solver the previous x0 buffer: x0_out=prev_x0)."""
     if backend == "reference":
-        return diffusion.ddpm_step if method == "ddpm" else diffusion.ddim_step
+        return {"ddpm": diffusion.ddpm_step, "ddim": diffusion.ddim_step}.get(method, dpm_solver.dpm_solver_step)
     from . import ops
 
+    if method in C.DPM_METHODS:
+        return lambda s, x, t, mo, prev, *args, **kw: ops.dpm_solver_step(s, x, t, mo, prev, *args, out=x,
+                                                                          x0_out=prev, **kw)
     fn = ops.ddpm_step if method == "ddpm" else ops.ddim_step
     return lambda s, x, *args, **kw: fn(s, x, *args, out=x, **kw)
 
@@ -463,7 +502,9 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
     cond = (torch.zeros_like(x),) if opts["self_condition"] else ()
     timesteps = s.timesteps_on(device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    draws = method == "ddpm" or opts["eta"] > 0
+    dpm = method in C.DPM_METHODS
+    draws = method in ("ddpm", "sde-dpmsolver++") or opts["eta"] > 0
+    prev_x0 = torch.zeros_like(x) if dpm else None  # DPM-Solver's previous x0 (read by second-order steps)
     for i in reversed(range(s.num_steps)):
         t_model = timesteps[i].expand(B)
         first = i == s.num_steps - 1
@@ -479,21 +520,32 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
             if backend == "fused":
                 x = follow_layout(x, mo)
                 cond = tuple(follow_layout(c, mo) for c in cond)
+                prev_x0 = follow_layout(prev_x0, mo) if dpm else None
         noise, kw = None, {}
         if generator is not None:
-            if draws and i > 0:
-                noise = _generator_normal(shape, generator, device, mo.dtype)
+            # diffusers: DDPM draws in the model's dtype at steps > 0; SDE-DPM-Solver++ draws float32 at every step
+            if draws and (i > 0 or dpm):
+                noise = _generator_normal(shape, generator, device, torch.float32 if dpm else mo.dtype)
         else:
             kw = dict(seed=seed, sample_offset=start)
         if method == "ddpm":
             kw["variance"] = variance
-        else:
+        elif method == "ddim":
             kw["eta"] = opts["eta"]
             kw["use_clipped_model_output"] = opts["use_clipped_model_output"]
+        else:
+            kw.update(method=method, order=opts["order"], solver_type=opts["solver_type"])
         with torch.no_grad():
-            x = step(s, x, i, mo, noise, prediction=opts["prediction"], clip=opts["clip"], return_x0=bool(cond), **kw)
+            if dpm:
+                x, prev_x0 = step(s, x, i, mo, prev_x0, noise, prediction=opts["prediction"], clip=opts["clip"],
+                                  **kw)
+                x0 = prev_x0
+            else:
+                x = step(s, x, i, mo, noise, prediction=opts["prediction"], clip=opts["clip"], return_x0=bool(cond),
+                         **kw)
+                if cond:
+                    x, x0 = x
         if cond:
-            x, x0 = x
             cond = (x0,)
         bad = ~torch.isfinite(x).all()
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, i), first_bad)

@@ -222,6 +222,25 @@ class Schedule:
             self._ddim[key] = rows
         return rows
 
+    def dpm_coefficients(self, method: str = "dpmsolver++", order: int = 2, solver_type: str = "midpoint"):
+        """float64 per-step DPM-Solver++ coefficients (fastddpm.dpm_solver.DpmCoefficients), cached."""
+        key = ("dpm64", method, order, solver_type)
+        coef = self._tables.get(key)
+        if coef is None:
+            from .dpm_solver import dpm_coefficients
+
+            coef = self._tables[key] = dpm_coefficients(self, method, order, solver_type)
+        return coef
+
+    def dpm_rows(self, device, method: str = "dpmsolver++", order: int = 2, solver_type: str = "midpoint"):
+        """(4, S) float32 DPM-Solver++ step rows (fastddpm.dpm_solver.DPM_ROW) on `device`,
+        computed in float64 and cached per (device, configuration)."""
+        key = ("dpm", str(torch.device(device)), method, order, solver_type)
+        rows = self._tables.get(key)
+        if rows is None:
+            rows = self._tables[key] = self.dpm_coefficients(method, order, solver_type).rows(device)
+        return rows
+
     def timesteps_on(self, device) -> torch.Tensor:
         key = ("timesteps", str(torch.device(device)))
         ts = self._tables.get(key)
