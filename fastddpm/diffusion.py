@@ -12,6 +12,8 @@ DDPM step (Ho et al. eq. 6-7, Algorithm 2): x_{t-1} = coef_x0 x0 + coef_xt x_t +
                                                     never matters because step 0 adds no noise)
     learned_range: log sigma^2 = f log beta + (1 - f) log posterior variance, f = (v + 1) / 2
                    (Nichol & Dhariwal 2021 eq. 15); the model returns 2C channels [eps | v].
+DPM-Solver++ (Lu et al. 2022), first and multistep second order, ODE and SDE: `dpm_solver_step`,
+    defined in fastddpm/dpm_solver.py and re-exported here.
 DDIM step (Song et al. 2021 eq. 12):
     x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)    (eq. 16)
@@ -40,7 +42,7 @@ from . import rng
 from .schedule import ROW, Schedule
 
 __all__ = ["q_sample", "predict_x0", "predict_eps", "eps_from_x0", "training_target", "posterior_mean",
-           "ddpm_step", "ddim_step"]
+           "ddpm_step", "ddim_step", "dpm_solver_step"]
 
 
 def _coef(s: Schedule, name: str, t, x: torch.Tensor) -> torch.Tensor:
@@ -224,3 +226,6 @@ def ddim_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
         z = _noise_or_draw(noise, seed, sample_offset, x_t, t)
         out = _add_noise(t, x_t, out, sigma, z)
     return (out, x0) if return_x0 else out
+
+
+from .dpm_solver import dpm_solver_step  # noqa: E402  (re-exported: every method's reference step lives here)

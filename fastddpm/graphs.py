@@ -5,7 +5,8 @@ Here the whole loop runs from captured CUDA graphs:
 
 - static buffers: the state x (B, C, H, W) float32, the step index of every sample i (B,)
   int64, the noise stream's (seed_lo, seed_hi, first sample) rng (3,) int64, the
-  first-bad-step flag () int64 and, for self-conditioning, the previous step's x0 (like x),
+  first-bad-step flag () int64 and, for self-conditioning and DPM-Solver++, the previous step's x0 (like x; one buffer
+  serves both),
   all on the device;
 - one step = timesteps[i] gathered on the device -> model(x, t) -> the fused step kernel
   (noise drawn in the kernel from rng, t read from i, the non-finite check folded into the
@@ -151,12 +152,25 @@ class LoopPlan:
         self.x0 = torch.zeros_like(self.x) if opts["self_condition"] else None
         self.timesteps = s.timesteps_on(device)
         ddim = opts["method"] == "ddim"
+        # DPM-Solver++: the previous step's x0 in a static buffer, updated in place by the step kernel
+        self.dpm = opts["method"] in ("dpmsolver++", "sde-dpmsolver++")
+        self.self_condition = opts["self_condition"]
+        if self.dpm and self.x0 is None:  # DPM-Solver++ reads the previous x0 from the same buffer
+            self.x0 = torch.zeros_like(self.x)
         # the captured launches read these by address: hold them for the life of the plan
-        self._tables = (s.table(device), s.ddim_rows(device, opts["eta"]) if ddim else None)
-        self.kw = dict(ddim=ddim, eta=opts["eta"] if ddim else 0.0, prediction=opts["prediction"],
-                       variance=opts["variance"] if not ddim else "fixed_small", clip=opts["clip"],
-                       seed=None, sample_offset=0, return_x0=self.x0 is not None,
-                       use_clipped_model_output=ddim and opts["use_clipped_model_output"])
+        self._tables = (s.table(device), s.ddim_rows(device, opts["eta"]) if ddim else None,
+                        s.dpm_rows(device, opts["method"], opts["order"], opts["solver_type"]) if self.dpm else None)
+        if self.dpm:
+            from .kernels.dpm import dpm_step_forward
+
+            self._dpm_forward = dpm_step_forward
+            self.kw = dict(method=opts["method"], order=opts["order"], solver_type=opts["solver_type"],
+                           prediction=opts["prediction"], clip=opts["clip"], seed=None, sample_offset=0)
+        else:
+            self.kw = dict(ddim=ddim, eta=opts["eta"] if ddim else 0.0, prediction=opts["prediction"],
+                           variance=opts["variance"] if not ddim else "fixed_small", clip=opts["clip"],
+                           seed=None, sample_offset=0, return_x0=self.x0 is not None,
+                           use_clipped_model_output=ddim and opts["use_clipped_model_output"])
 
     def set_rng(self, seed: int, first_sample: int):
         self.rng[0].fill_(seed & 0xFFFFFFFF)
@@ -175,12 +189,16 @@ class LoopPlan:
     def step(self):
         t = torch.index_select(self.timesteps, 0, self.i)
         mo = self.forward(self.x, t, *self._cond())
-        self._step_forward(self.s, self.x, self.i, mo, None, **self.kw, out=self.x, rng=self.rng, flag=self.flag,
-                           x0_out=self.x0)
+        if self.dpm:  # first-order steps (the first, the last) never read the previous x0
+            self._dpm_forward(self.s, self.x, self.i, mo, self.x0, None, **self.kw, out=self.x, x0_out=self.x0,
+                              rng=self.rng, flag=self.flag)
+        else:
+            self._step_forward(self.s, self.x, self.i, mo, None, **self.kw, out=self.x, rng=self.rng,
+                               flag=self.flag, x0_out=self.x0)
         self.i.sub_(1)
 
     def _cond(self):
-        return () if self.x0 is None else (self.x0,)
+        return (self.x0,) if self.self_condition else ()
 
     def steps(self, k: int):
         for _ in range(k):

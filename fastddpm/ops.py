@@ -1,4 +1,5 @@
-"""Fused ops: drop-in replacements for `fastddpm.diffusion`'s q_sample / ddpm_step / ddim_step.
+"""Fused ops: drop-in replacements for `fastddpm.diffusion`'s q_sample / ddpm_step / ddim_step /
+dpm_solver_step.
 
 Same signatures, same results (within float32 rounding), one kernel launch each:
 
@@ -23,9 +24,9 @@ import warnings
 import torch
 
 from . import _checks as C
-from . import diffusion
+from . import diffusion, dpm_solver
 
-__all__ = ["q_sample", "ddpm_step", "ddim_step", "kernels_available", "backend_for"]
+__all__ = ["q_sample", "ddpm_step", "ddim_step", "dpm_solver_step", "kernels_available", "backend_for"]
 
 _kernels = None
 _notified = False
@@ -151,3 +152,46 @@ def ddim_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.
     return _step(diffusion.ddim_step, s, x_t, t, model_output, noise, ddim=True, eta=eta, prediction=prediction,
                  variance="fixed_small", clip=clip, seed=seed, sample_offset=sample_offset, return_x0=return_x0,
                  out=out, use_clipped_model_output=use_clipped_model_output)
+
+
+def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0: torch.Tensor | None = None,
+                    noise: torch.Tensor | None = None, *, method: str = "dpmsolver++", order: int = 2,
+                    solver_type: str = "midpoint", prediction: str = "eps", clip: float | None = None,
+                    seed: int | None = None, sample_offset: int = 0, out: torch.Tensor | None = None,
+                    x0_out: torch.Tensor | None = None):
+    """Fused `fastddpm.diffusion.dpm_solver_step` (Lu et al. 2022): one launch reads x, the model
+    output and prev_x0 and writes the new x and this step's x0; returns (x_{t-1}, x0).
+
+    out / x0_out: float32 buffers shaped like x_t to write into; they may be x_t / prev_x0
+    themselves (the loop's in-place update)."""
+    C.check_schedule(s)
+    C.check_float_tensor(x_t, "x_t")
+    dpm_solver.check_dpm_options(method, order, solver_type)
+    C.one_of(prediction, C.PREDICTIONS, "prediction")
+    clip = C.check_clip(clip)
+    t = C.check_t(s, t, x_t)
+    C.check_model_output(model_output, x_t, "fixed_small")
+    at_zero = isinstance(t, int) and t == 0
+    C.check_noise_source(noise, seed, x_t, needs_noise=method == "sde-dpmsolver++" and not at_zero)
+    C.check_sample_offset(sample_offset)
+    if sample_offset + x_t.shape[0] > 2**32:
+        raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x_t.shape[0]}")
+    if prev_x0 is not None:
+        C.check_like(prev_x0, x_t, "prev_x0")
+    elif order == 2 and (not isinstance(t, int) or float(s.dpm_coefficients(method, order, solver_type).d_coef[t])):
+        raise ValueError(f"prev_x0 is required: step t={t if isinstance(t, int) else 'tensor'} of order=2 is a "
+                         "second-order step (pass the x0 the previous step returned)")
+    _check_out(out, x_t)
+    if x0_out is not None:
+        C.check_like(x0_out, x_t, "x0_out")
+        if x0_out.dtype != torch.float32:
+            raise TypeError(f"x0_out must be float32; got {x0_out.dtype}")
+    kw = dict(method=method, order=order, solver_type=solver_type, prediction=prediction, clip=clip)
+    if not _use_kernels(x_t):
+        x, x0 = dpm_solver.dpm_solver_step(s, x_t, t, model_output, prev_x0, noise, seed=seed,
+                                           sample_offset=sample_offset, **kw)
+        return (out.copy_(x) if out is not None else x), (x0_out.copy_(x0) if x0_out is not None else x0)
+    from fastddpm.kernels import dpm as dpm_mod
+
+    return dpm_mod.dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, seed=seed, sample_offset=sample_offset,
+                                    out=out, x0_out=x0_out, **kw)
