@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastddpm import Schedule, rng  # noqa: E402
+from fastddpm.kernels import dpm as dpm_mod  # noqa: E402
 from fastddpm.kernels import noise as noise_mod  # noqa: E402
 from fastddpm.kernels import q_sample as q_mod  # noqa: E402
 from fastddpm.kernels import step as step_mod  # noqa: E402
@@ -79,10 +80,25 @@ def step_configs():
         yield {**base, "ddim": ddim, "variance": variance, "noise": noise, "mo_dtype": mo_dtype, "graph": True}
 
 
+def dpm_configs():
+    """DPM-Solver++ launches: one option changed at a time, plus the captured loop's launches."""
+    base = dict(method="sde-dpmsolver++", order=2, prediction="eps", clip=None, noise="seed", t_kind="int",
+                mo_dtype=torch.float32, graph=False, prev=True)
+    choices = dict(method=("dpmsolver++",), order=(1,), prediction=("x0", "v"), clip=(1.0,), noise=("tensor",),
+                   t_kind=("tensor",), mo_dtype=(torch.bfloat16, torch.float16), prev=(False,))
+    yield base
+    for key, values in choices.items():
+        for v in values:
+            yield {**base, key: v}
+    for method, mo_dtype in itertools.product(("dpmsolver++", "sde-dpmsolver++"), (torch.float32, torch.bfloat16)):
+        yield {**base, "method": method, "mo_dtype": mo_dtype, "graph": True}
+
+
 def record_launches():
     step_mod.step_kernel = Recorder(step_mod.step_kernel)
     q_mod.q_sample_kernel = Recorder(q_mod.q_sample_kernel)
     noise_mod.normal_kernel = Recorder(noise_mod.normal_kernel)
+    dpm_mod.dpm_step_kernel = Recorder(dpm_mod.dpm_step_kernel)
     s = Schedule.linear(100)
     flag = torch.full((), -1, dtype=torch.long)
     args = torch.zeros(3, dtype=torch.long)
@@ -108,6 +124,19 @@ def record_launches():
             t = torch.full((shape[0],), 5) if t_kind == "tensor" else 5
             q_mod.q_sample_forward(s, x, t, None if draw else torch.randn(shape), 3 if draw else None, 0)
         noise_mod.normal_forward(torch.empty(shape), rng.TAG_INIT, rng=args)
+        for cfg in dpm_configs():
+            graph = cfg["graph"]
+            mo = torch.randn(shape).to(cfg["mo_dtype"])
+            if cl:
+                mo = mo.contiguous(memory_format=torch.channels_last)
+            t = torch.full((shape[0],), 5) if cfg["t_kind"] == "tensor" or graph else 5
+            dpm_mod.dpm_step_forward(s, x, t, mo, x.clone() if cfg["prev"] else None,
+                                     torch.randn(shape) if cfg["noise"] == "tensor" else None,
+                                     method=cfg["method"], order=cfg["order"], solver_type="midpoint",
+                                     prediction=cfg["prediction"], clip=cfg["clip"],
+                                     seed=3 if cfg["noise"] == "seed" and not graph else None, sample_offset=0,
+                                     out=x if graph else None, rng=args if graph else None,
+                                     flag=flag if graph else None)
         noise_mod.normal_forward(torch.empty(shape), rng.TAG_INIT, seed=3)
 
 
