@@ -1,5 +1,8 @@
 """Sampling: ms/step and images/s per backend and per peer, on the same model in the same run.
 
+DPM-Solver++ rows (test_dpm_solver_sampling) compare against diffusers' DPMSolverMultistepScheduler
+loop and project the wall time of 50,000 samples at 20 steps.
+
 Contenders: fastddpm's reference, fused and graph backends, graph with compile=True, a
 plain diffusers DDPMScheduler loop over the same model (the baseline), and (GPU)
 torch.compile(mode="reduce-overhead") of the model with diffusers' step. The sampler
@@ -160,3 +163,51 @@ def test_graph_chunk(benchmark, record, monkeypatch, chunk):
     sec = run_rounds(benchmark, [fn], calls_per_round=1, rounds=5 if CUDA else 2)
     record("graph chunk b1", f"K={chunk}", sec, baseline=chunk == 1, ms_per_step=1e3 * sec / STEPS,
            first_call_s=first, steps=STEPS)
+
+
+# ------------------------------------------------------------------ DPM-Solver++ (few-step sampling)
+DPM_BATCHES = [1, 16, 128] if CUDA else [1, 4]
+DPM_STEPS = 20 if CUDA else 3  # the step count DPM-Solver++ is used at (CPU: 3, so CI stays short)
+FID_SAMPLES, FID_STEPS = 50_000, 20
+
+
+def diffusers_dpm_loop(model, batch, steps):
+    import diffusers
+
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def loop():
+        sched.set_timesteps(steps)  # resets its step index and stored model outputs, as a pipeline call does
+        x = torch.randn((batch, *shape_of(model)), device=DEVICE, generator=gen)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                out = model(x, t.to(DEVICE).expand(batch))
+                out = out.sample if hasattr(out, "sample") else out
+                x = sched.step(out, t, x, generator=gen).prev_sample
+        return x
+
+    return loop
+
+
+@pytest.mark.parametrize("batch", DPM_BATCHES)
+@pytest.mark.parametrize("contender", ["reference", "fused", "graph", "diffusers_dpm_loop"])
+def test_dpm_solver_sampling(benchmark, record, batch, contender):
+    """DPM-Solver++ (2M, method="dpmsolver++") ms/step per backend against diffusers'
+    DPMSolverMultistepScheduler loop over the same model, and the projected wall time of
+    50,000 samples at 20 steps at this batch (ms/step x 20 x ceil(50,000 / batch))."""
+    skip_unless_runnable(contender)
+    model = model_for("fastddpm-unet")
+    shape = shape_of(model)
+    if contender == "diffusers_dpm_loop":
+        pytest.importorskip("diffusers")
+        fn = diffusers_dpm_loop(model, batch, DPM_STEPS)
+    else:
+        fn = lambda: fastddpm.sample(model, batch, shape=shape, steps=DPM_STEPS, method="dpmsolver++",  # noqa: E731
+                                     backend=contender, seed=0)
+    sec = run_rounds(benchmark, [fn], calls_per_round=1, rounds=5 if CUDA else 2)
+    ms_step = 1e3 * sec / DPM_STEPS
+    batches = -(-FID_SAMPLES // batch)
+    record(f"dpmsolver++ b{batch}", contender, sec, baseline=contender == "diffusers_dpm_loop",
+           ms_per_step=ms_step, images_per_s=batch / sec, steps=DPM_STEPS,
+           projected_50k_at_20_steps_s=ms_step * FID_STEPS * batches / 1e3)
