@@ -43,6 +43,21 @@ def test_sample_then_eval(tmp_path, capsys):
     assert res["samples"]["n"] == 6 and res["heldout_real"]["n"] == 297
 
 
+def test_sample_with_dpm_solver(tmp_path, capsys):
+    """`fastddpm sample --method dpmsolver++ --steps K` equals fastddpm.sample with the same arguments."""
+    assert main(["sample", "-n", "3", "--out", str(tmp_path), "--steps", "4", "--no-progress", "--seed", "1",
+                 "--method", "dpmsolver++", "--backend", "reference"]) == 0
+    with np.load(tmp_path / "samples.npz") as f:
+        got = f["arr_0"]
+    from fastddpm.images import to_uint8_nhwc
+
+    model = fastddpm.load(shipped_model_path())
+    want = to_uint8_nhwc(fastddpm.sample(model, 3, steps=4, method="dpmsolver++", seed=1, backend="reference"))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert main(["sample", "-n", "1", "--out", str(tmp_path / "b"), "--order", "1", "--method", "ddim"]) == 2
+    assert "order applies to" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
     assert "data must be" in capsys.readouterr().err
