@@ -192,7 +192,8 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
     rows = s.dpm_rows(x_t.device, method, order, solver_type)  # (4, S) float32
-    out = _per_sample(rows[DPM_ROW["x_coef"]], t, x_t) * x_t.float() + _per_sample(rows[DPM_ROW["x0_coef"]], t, x_t) * x0
+    a, b = _per_sample(rows[DPM_ROW["x_coef"]], t, x_t), _per_sample(rows[DPM_ROW["x0_coef"]], t, x_t)
+    out = a * x_t.float() + b * x0
     if prev_x0 is not None and order == 2:
         d = _per_sample(rows[DPM_ROW["d_coef"]], t, x_t)
         out = out + torch.where(d != 0, d * (x0 - prev_x0.float()), torch.zeros_like(out))
