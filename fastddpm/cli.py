@@ -138,7 +138,7 @@ def cmd_demo(a):
     fast = resolve_backend("auto", device)
     steps = a.steps or model.fastddpm_schedule.num_steps
     print(f"fastddpm demo: the shipped digits model ({n_params / 1e6:.1f}M parameters), {a.n} samples, "
-          f"{a.method.upper()} with {steps} steps, seed {a.seed}, on {device}")
+          f"{a.method} with {steps} steps, seed {a.seed}, on {device}")
     backends = list(dict.fromkeys([fast, "reference"]))
     calls = 2 * len(backends) - 1  # a warm-up call and a timed call per fast backend, a timed reference call
     bar = _bar(calls * math.ceil(a.n / (a.batch_size or min(a.n, 256))) * steps, "demo", not a.no_progress)
