@@ -236,7 +236,8 @@ def build_parser():
 
     d = sub.add_parser("demo", formatter_class=_HelpWithDefaults,
                        help="sample the shipped digits model: fast backend vs reference, timings, PNG")
-    _add_sampling_args(d, steps_default=50)
+    # DPM-Solver++ at 20 steps: FD 34.5 against DDIM-50's 38.5 on the same 100 seeds (README, shipped model)
+    _add_sampling_args(d, steps_default=20, method_default="dpmsolver++")
     d.add_argument("--out", default="fastddpm-demo.png", help="PNG to write (default fastddpm-demo.png)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo, checkpoint=None)
