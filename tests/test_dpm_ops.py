@@ -109,16 +109,19 @@ class TinyNet(torch.nn.Module):
         super().__init__()
         self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
 
-    def forward(self, x, t):
-        return torch.tanh(self.conv(x)) * (1 + t.view(-1, 1, 1, 1).float() / 1000)
+    def forward(self, x, t, x_self_cond=None):
+        out = torch.tanh(self.conv(x)) * (1 + t.view(-1, 1, 1, 1).float() / 1000)
+        return out if x_self_cond is None else out + 0.1 * x_self_cond
 
 
-@pytest.mark.parametrize("method,order", [("dpmsolver++", 2), ("sde-dpmsolver++", 2), ("sde-dpmsolver++", 1)])
-def test_fused_and_graph_loops_equal_the_reference_loop(method, order, monkeypatch):
+@pytest.mark.parametrize("method,order,self_condition", [("dpmsolver++", 2, False), ("sde-dpmsolver++", 2, False),
+                                                       ("sde-dpmsolver++", 1, False), ("dpmsolver++", 2, True)])
+def test_fused_and_graph_loops_equal_the_reference_loop(method, order, self_condition, monkeypatch):
+    """Also with self-conditioning: one previous-x0 buffer serves both (the model gets DPM-Solver's x0)."""
     torch.manual_seed(0)
     net = TinyNet().to(dev())
     kw = dict(shape=(2, 7, 9), schedule=Schedule.linear(1000), steps=12, method=method, order=order, seed=5,
-              batch_size=3)
+              batch_size=3, self_condition=self_condition)
     want = fastddpm.sample(net, 5, backend="reference", **kw)
     got = fastddpm.sample(net, 5, backend="fused", **kw)
     assert float((got - want).norm() / want.norm()) < 1e-5
