@@ -11,9 +11,10 @@ Runs DDIM (eta = 0, Song et al. 2021 eq. 12) with three treatments of the predic
                denoising-diffusion-pytorch; diffusers' use_clipped_model_output=True):
                eps = (x_t / sqrt(abar) - x0_clipped) / sqrt(1 / abar - 1)
 The loop below is written with fastddpm.diffusion's own math (predict_x0, predict_eps and the
-schedule's float32 rows); the script checks once that its "raw" and "noclip" loops equal
-fastddpm.sample(method="ddim") with the same seed. Every option starts from the same x_T
-(seed mode, sample i = stream index i), so the rows are paired.
+schedule's float32 rows) so that it can also record what happens inside each step; the script
+first checks that each option equals fastddpm.sample(method="ddim", clip=...,
+use_clipped_model_output=...) with the same seed. Every option starts from the same x_T (seed
+mode, sample i = stream index i), so the rows are paired.
 
 Figures:
 - digits: the Frechet distance of `fastddpm eval` (fastddpm.quality; samples quantised to
@@ -92,11 +93,12 @@ def ddim(model, s, n, shape, option, *, seed=1, batch_size=400, data_ms=None):
 
 
 def check_loop_matches_sample(model, shape, steps=10, n=8):
-    """The local loop's raw / noclip options are fastddpm.sample(method="ddim") to float32 rounding."""
+    """The local loop's options are fastddpm.sample(method="ddim", clip=..., use_clipped_model_output=...)."""
     s = model.fastddpm_schedule.respace(steps)
-    for option, clip in (("raw", 1.0), ("noclip", None)):
+    for option, clip, clipped_eps in (("raw", 1.0, False), ("noclip", None, False), ("recompute", 1.0, True)):
         mine, _ = ddim(model, s, n, shape, option)
-        ref = fastddpm.sample(model, n, steps=steps, method="ddim", clip=clip, seed=1, backend="reference")
+        ref = fastddpm.sample(model, n, steps=steps, method="ddim", clip=clip, seed=1, backend="reference",
+                              use_clipped_model_output=clipped_eps)
         rel = float((mine - ref).norm() / ref.norm())
         if not rel < 1e-5:
             raise SystemExit(f"local DDIM loop ({option}) differs from fastddpm.sample: relative L2 {rel:.2e}")

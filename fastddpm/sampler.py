@@ -138,6 +138,16 @@ def _check_consistent(model, s, method, prediction, variance, clip, dpm=None):
                              "**fastddpm.compat.sample_kwargs(scheduler)")
 
 
+def default_use_clipped_model_output(s, method, clip) -> bool:
+    """What use_clipped_model_output=None means: the source's own semantics for a schedule from
+    a peer's configuration (diffusers' pipelines keep the raw eps), else eps re-derived from the
+    clipped x0 for DDIM with clipping (issue 18: with the raw eps, DDIM at 250+ steps on data at
+    the clip bounds drifts off the training marginal; README, "DDIM and clipping")."""
+    if s.source_options is not None:
+        return bool(s.source_options.get("use_clipped_model_output", False))
+    return method == "ddim" and clip is not None
+
+
 def resolve_backend(backend, device, generator=None):
     """The backend that runs: "auto" -> the graph-captured loop where CUDA graphs work
     (seed= noise; generator= noise, drawn by torch on the host's order, runs the fused eager
@@ -274,7 +284,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
            clip: float | None | str = "auto", seed: int | None = None, generator: torch.Generator | None = None,
            batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
            progress: bool = False, sample_offset: int = 0, compile: bool = False,
-           use_clipped_model_output: bool = False, self_condition: bool = False, order: int | None = None,
+           use_clipped_model_output: bool | None = None, self_condition: bool = False, order: int | None = None,
            solver_type: str = "midpoint") -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
 
@@ -299,7 +309,11 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     use_clipped_model_output: DDIM only: the direction term uses eps re-derived from the
         clipped x0 (improved-diffusion's and denoising-diffusion-pytorch's DDIM; diffusers'
         option of that name) instead of the raw model eps. DDPM's step reads only the clipped
-        x0, so with method="ddpm" it would change nothing: True there is an error.
+        x0, so with method="ddpm" it would change nothing: True there is an error. None
+        (default): fastddpm's choice, True for DDIM with clipping (with the raw eps, many small
+        steps drift off the data: README, "DDIM and clipping"), except on a schedule from a
+        peer's configuration (Schedule.from_diffusers, compat.sample_kwargs), which keeps the
+        peer's semantics (diffusers' pipelines: the raw eps).
     self_condition: call model(x, t, x_self_cond) with the previous step's predicted x0
         (clipped when clip is set; zeros at the first step), as denoising-diffusion-pytorch
         does for a Unet(self_condition=True). A model whose `self_condition` attribute says
@@ -343,7 +357,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"steps must be a positive int (the number of sampling steps) or None (all of the "
                          f"schedule's steps); got {steps!r}")
-    C.check_bool(use_clipped_model_output, "use_clipped_model_output")
+    if use_clipped_model_output is not None:
+        C.check_bool(use_clipped_model_output, "use_clipped_model_output")
     if use_clipped_model_output and method != "ddim":
         raise ValueError(f"use_clipped_model_output=True applies to method='ddim' only; got method={method!r}, "
                          "whose step reads only the clipped x0, so it would change nothing; pass "
@@ -372,6 +387,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     shape = _resolve_shape(model, shape)
     s = _resolve_schedule(model, schedule, steps, method)
     _check_consistent(model, s, method, prediction, variance, clip, dpm)
+    if use_clipped_model_output is None:
+        use_clipped_model_output = default_use_clipped_model_output(s, method, clip)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False; got {compile!r}")
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)

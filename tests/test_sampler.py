@@ -222,14 +222,44 @@ def test_use_clipped_model_output_in_the_loop():
     beyond [-1, 1]); with method="ddpm" it would change nothing, and is refused."""
     s, mu, sd, model = gaussian_model()
     kw = dict(schedule=s, steps=12, seed=3, clip=0.5)
-    raw = fastddpm.sample(model, 4, method="ddim", **kw)
+    raw = fastddpm.sample(model, 4, method="ddim", use_clipped_model_output=False, **kw)
     rederived = fastddpm.sample(model, 4, method="ddim", use_clipped_model_output=True, **kw)
     assert (raw - rederived).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"use_clipped_model_output=True applies to method='ddim' only; got "
                                          r"method='ddpm'.*pass use_clipped_model_output=False or method='ddim'"):
         fastddpm.sample(model, 4, method="ddpm", use_clipped_model_output=True, **kw)
-    with pytest.raises(TypeError, match="use_clipped_model_output must be True or False; got None"):
-        fastddpm.sample(model, 4, use_clipped_model_output=None, **kw)
+    with pytest.raises(TypeError, match="use_clipped_model_output must be True or False; got 1"):
+        fastddpm.sample(model, 4, use_clipped_model_output=1, **kw)
+
+
+def test_use_clipped_model_output_default_is_fastddpms_choice():
+    """None (the default) = eps from the clipped x0 for DDIM with clipping (issue 18), the raw eps
+    on a schedule from a diffusers scheduler (its pipelines' semantics); DDPM: False, no warning."""
+    import warnings
+
+    s, mu, sd, model = gaussian_model()
+    kw = dict(schedule=s, steps=12, seed=3, clip=0.5)
+    default = fastddpm.sample(model, 4, method="ddim", **kw)
+    torch.testing.assert_close(default, fastddpm.sample(model, 4, method="ddim", use_clipped_model_output=True, **kw),
+                               rtol=0, atol=0)
+    assert (default - fastddpm.sample(model, 4, method="ddim", use_clipped_model_output=False, **kw)).abs().max() > 1e-3
+    unclipped = dict(kw, clip=None)
+    torch.testing.assert_close(fastddpm.sample(model, 4, method="ddim", **unclipped),
+                               fastddpm.sample(model, 4, method="ddim", use_clipped_model_output=False, **unclipped),
+                               rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastddpm.sample(model, 4, method="ddpm", **kw)
+    from fastddpm.sampler import default_use_clipped_model_output
+
+    peer = s.respace(12)
+    peer.source_options = {"prediction": "eps", "clip": 0.5, "method": "ddim"}  # as Schedule.from_diffusers sets it
+    assert default_use_clipped_model_output(peer, "ddim", 0.5) is False
+    peer.source_options = dict(peer.source_options, use_clipped_model_output=True)
+    assert default_use_clipped_model_output(peer, "ddim", 0.5) is True
+    assert default_use_clipped_model_output(s, "ddim", 0.5) is True
+    assert default_use_clipped_model_output(s, "ddim", None) is False
+    assert default_use_clipped_model_output(s, "ddpm", 1.0) is False
 
 
 class Recorder(torch.nn.Module):
@@ -252,7 +282,8 @@ def test_self_condition_feeds_the_previous_clipped_x0(method, eta):
     loop written out by hand, with the same generator draws, gives the same images."""
     s, mu, sd, base = gaussian_model()
     model = Recorder(SelfConditionedModel(base))
-    kw = dict(schedule=s, steps=8, method=method, eta=eta, clip=0.6, self_condition=True, shape=SHAPE)
+    kw = dict(schedule=s, steps=8, method=method, eta=eta, clip=0.6, self_condition=True, shape=SHAPE,
+              use_clipped_model_output=False)  # the hand-written loop below keeps the raw eps
     got = fastddpm.sample(model, 3, generator=torch.Generator().manual_seed(2), **kw)
     r = s.respace(8)
     gen = torch.Generator().manual_seed(2)
