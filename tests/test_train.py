@@ -199,11 +199,12 @@ def test_broken_samplers_fail_the_same_bound(moons_model, monkeypatch):
 
 @pytest.mark.slow
 def test_ddim_is_not_worse_with_more_steps(moons_model):
-    """Issue 18: DDIM with clipping must approach its ODE limit as steps grow, not drift away.
-    sample()'s default re-derives eps from the clipped x0; 1000 steps must score within 10%
-    (+ 0.005, sampling noise) of 50 steps. The raw eps (diffusers' default, and fastddpm's before
-    issue 18) adds sqrt(abar_prev) (x0_clipped - x0) to the state at EVERY step, whatever its size,
-    so its drift grows with the number of steps: it fails the same bound (measured: SW_50 -> SW_1000)."""
+    """Issue 18: DDIM with clipping must approach its ODE limit as the steps grow, not drift away.
+    sample()'s default re-derives eps from the clipped x0: 1000 steps must score within 10%
+    (+ 0.005 for sampling noise) of 50 steps. The raw eps (diffusers' default, fastddpm's before
+    issue 18) fails the same bound: a step of any size still adds sqrt(abar) (x0_clipped - x0)
+    to the state, so the drift grows with the number of steps (measured at 1000 steps: 30 of the
+    2000 samples diverge, the rest score SW 0.18 against 0.046 at 50 steps)."""
     real = moons(2000, torch.Generator().manual_seed(99))
 
     def sw(steps, **kw):
@@ -212,7 +213,11 @@ def test_ddim_is_not_worse_with_more_steps(moons_model):
 
     few, many = sw(50), sw(1000)
     assert many < 1.1 * few + 0.005, (few, many)
-    raw_few, raw_many = sw(50, use_clipped_model_output=False), sw(1000, use_clipped_model_output=False)
+    raw_few = sw(50, use_clipped_model_output=False)
+    try:
+        raw_many = sw(1000, use_clipped_model_output=False)
+    except FloatingPointError:  # non-finite samples: the sampler names the step and refuses
+        raw_many = float("inf")
     assert raw_many > 1.1 * raw_few + 0.005, (raw_few, raw_many)
 
 
