@@ -27,8 +27,8 @@ Figures:
   10% of the steps), the RMS of x_t against the RMS the training marginal q(x_t) has
   (sqrt(abar E[x0^2] + 1 - abar)) at the middle step, the RMS change a step's clipping makes
   to the state (|sqrt(abar_prev) (x0 - x0_clipped)| + the eps term), and, for digits,
-  isolated bright pixels per image ("speckles": > 0 with every 8-neighbour < -0.5) against
-  the real digits' count.
+  isolated bright pixels per image ("speckles": brighter than each 8-neighbour by > 0.3)
+  against the real digits' count.
 Results are appended as JSON lines to --out (one line per run) and printed as a table.
 """
 from __future__ import annotations
@@ -106,13 +106,14 @@ def check_loop_matches_sample(model, shape, steps=10, n=8):
 
 # ---------------------------------------------------------------------- figures
 def speckles(x):
-    """Isolated bright pixels per image: value > 0 and every 8-neighbour < -0.5."""
+    """Isolated bright pixels per image: brighter than each of the 8 neighbours by more than 0.3
+    (15% of the [-1, 1] range). The real digits have ~0 (0 in the first 64 held-out ones)."""
     x = x.float().clamp(-1, 1)  # (N, 1, H, W)
     p = F.pad(x, (1, 1, 1, 1), value=-1.0)
     H, W = x.shape[-2:]
     shifts = [p[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
     nmax = torch.stack(shifts).amax(0)  # brightest of the 8 neighbours
-    return float(((x > 0) & (nmax < -0.5)).float().sum() / len(x))
+    return float(((x - nmax) > 0.3).float().sum() / len(x))
 
 
 class DigitsJudge:
