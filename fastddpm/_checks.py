@@ -62,8 +62,10 @@ def check_eta(eta):
 def check_t(s, t, x):
     """t: int step index in 0..S-1, or an integer tensor of shape () or (B,) on x's device.
 
-    Returns an int or a LongTensor of shape (B,). Values of a tensor t are range-checked
-    (one host sync) except while a CUDA graph is being captured.
+    Returns an int, or a contiguous int64 tensor of shape (B,) on x's device (a 0-d t is
+    expanded and copied, a strided or non-int64 t copied): the kernels read t[b] at t_ptr + b.
+    Values of a tensor t are range-checked (one host sync) except while a CUDA graph is being
+    captured.
     """
     S, B = s.num_steps, x.shape[0]
     if isinstance(t, bool):
@@ -86,7 +88,7 @@ def check_t(s, t, x):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= S:
             raise ValueError(f"t must hold step indices in 0..{S - 1}; got values in [{lo}, {hi}]")
-    return t.long()
+    return t.to(torch.long).contiguous()
 
 
 def _capturing(t):

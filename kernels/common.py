@@ -5,15 +5,25 @@ pure-PyTorch implementation of the same stream): Philox4x32-10 on the counter
 (q_lo, q_hi, sample, tag) with key (seed_lo, seed_hi), q = element // 4, then float32
 Box-Muller on (w0, w1) and (w2, w3) giving the 4 normals of elements 4q .. 4q+3.
 
-Layouts. A kernel walks one sample's N elements in the memory order of x_t:
-  LAYOUT_CL = False: every tensor is contiguous inside a sample (any batch stride);
-                     element i sits at b * stride_b + i and is logical element i.
-  LAYOUT_CL = True:  4-D channels_last-like tensors: iteration index i = hw * C + c sits
-                     at b * stride_b + hw * stride_pixel + c, and is logical element c * HW + hw.
-Any other layout is copied to x_t's layout by the launcher (the only copy ever made).
+Layouts. Every tensor a kernel touches is dense inside each sample (any batch stride), in one
+of two layouts; the launcher copies anything else (the only copy ever made):
+  LAYOUT_CL = False: contiguous. A program walks BLOCK consecutive elements i (logical element
+                     i, at b * stride_b + i): coalesced, 128-bit loads when strides allow.
+  LAYOUT_CL = True:  4-D channels_last (pixel stride C). A program walks a (CP, PIX) tile,
+                     channels c < C (CP = C rounded up to a power of two) x PIX pixels hw, at
+                     b * stride_b + hw * C + c; logical element c * HW + hw.
+In-kernel noise: with HW % 4 == 0 (every even-sized image) a channels_last tile draws one
+Philox counter per run of 4 pixels of one channel, q = (c * HW + hw) / 4, and uses all 4 of
+its outputs, as the contiguous walk does. Otherwise (odd HW) the 4 elements of a counter
+straddle channels, and each element computes its own counter (4x the Philox work).
+
+Per-call integers (step index, seed halves, first sample index, tag, S) are passed
+unspecialised (`do_not_specialize`) and as 32-bit patterns (`as_i32`), so a sampling run
+compiles a handful of kernels instead of one per value; the kernels read them back as uint32.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -48,31 +58,37 @@ def box_muller(wa, wb):
 @triton.jit
 def stream_normal4(q, sample, tag, seed_lo, seed_hi):
     """The 4 normals of stream counters q (int64 tensor): elements 4q .. 4q+3 of `sample`.
-
-    Scalars go through tl.to_tensor: a kernel argument equal to 1 is specialised into a
-    constexpr by Triton's JIT, and a constexpr has no .to() (triton-lang/triton#2939)."""
+    sample, tag, seed_lo, seed_hi: int32 bit patterns or int64 scalars; their low 32 bits count."""
     c0 = (q & 0xFFFFFFFF).to(tl.uint32)
     c1 = (q >> 32).to(tl.uint32)
-    c2 = tl.zeros_like(c0) + tl.to_tensor(sample).to(tl.uint32)
-    c3 = tl.zeros_like(c0) + tl.to_tensor(tag).to(tl.uint32)
-    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
-    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
-    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    c2 = tl.zeros_like(c0) + sample.to(tl.uint32)
+    c3 = tl.zeros_like(c0) + tag.to(tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
     z0, z1 = box_muller(w0, w1)
     z2, z3 = box_muller(w2, w3)
     return z0, z1, z2, z3
 
 
 @triton.jit
-def block_noise(pid, sample, tag, seed_lo, seed_hi, i, C, HW,
-                BLOCK: tl.constexpr, LAYOUT_CL: tl.constexpr):
-    """Stream noise for iteration indices i = pid * BLOCK + arange(BLOCK) of one sample."""
+def block_noise(pid, sample, tag, seed_lo, seed_hi, HW,
+                BLOCK: tl.constexpr, LAYOUT_CL: tl.constexpr, CP: tl.constexpr, QUAD: tl.constexpr):
+    """Stream noise of one program's elements, shaped like its walk (see program_coords)."""
     if LAYOUT_CL:
-        # logical element of each memory position; 4x Philox work, channels_last only
-        e = (i % C) * HW + i // C
-        z0, z1, z2, z3 = stream_normal4(e >> 2, sample, tag, seed_lo, seed_hi)
-        r = e & 3
-        z = tl.where(r == 0, z0, tl.where(r == 1, z1, tl.where(r == 2, z2, z3)))
+        PIX: tl.constexpr = BLOCK // CP
+        c = tl.arange(0, CP)
+        if QUAD:  # HW % 4 == 0
+            # a run of 4 pixels of channel c is one counter: (CP, PIX / 4) Philox calls, all 4 outputs used
+            q0 = (c.to(tl.int64) * HW + pid.to(tl.int64) * PIX) >> 2
+            q = q0[:, None] + tl.arange(0, PIX // 4)[None, :]
+            z0, z1, z2, z3 = stream_normal4(q, sample, tag, seed_lo, seed_hi)
+            z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (CP, PIX))  # [c, 4j + r] = z_r[c, j]
+        else:
+            # odd HW: a counter's 4 elements straddle channels; each element computes its own counter
+            hw = pid.to(tl.int64) * PIX + tl.arange(0, PIX)
+            e = c.to(tl.int64)[:, None] * HW + hw[None, :]
+            z0, z1, z2, z3 = stream_normal4(e >> 2, sample, tag, seed_lo, seed_hi)
+            r = e & 3
+            z = tl.where(r == 0, z0, tl.where(r == 1, z1, tl.where(r == 2, z2, z3)))
     else:
         # one counter per 4 consecutive elements: compute once, interleave to element order
         q = pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
@@ -96,29 +112,39 @@ def flag_non_finite(flag_ptr, out, mask, t):
     """Raise the int64 flag at flag_ptr to step t (atomic max) if out holds a NaN or an inf.
     A loop runs t downwards, so the flag ends as the FIRST step that went bad."""
     bad = ((out != out) | (tl.abs(out) > 3.4028234663852886e38)) & mask
-    if tl.max(bad.to(tl.int32), axis=0) > 0:
+    if tl.max(bad.to(tl.int32)) > 0:
         tl.atomic_max(flag_ptr, t.to(tl.int64))
 
 
 @triton.jit
-def program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T: tl.constexpr, BLOCK: tl.constexpr):
-    """(b, pid, t, i, mask) of a program in the (sample, block) grid: sample b (int64), block pid,
-    its step index t (read per sample, or the scalar), iteration indices i and their mask."""
+def program_coords(t_ptr, t_scalar, N, C, HW, PER_SAMPLE_T: tl.constexpr, BLOCK: tl.constexpr,
+                   LAYOUT_CL: tl.constexpr, CP: tl.constexpr):
+    """(b, pid, t, i, c, mask) of a program in the (sample, block) grid: sample b (int64), block
+    pid, its step index t (read per sample, or the scalar), and what it walks: BLOCK consecutive
+    elements i (int64; c unused), or for channels_last a (CP, BLOCK // CP) tile of channels
+    c (CP,) x pixels i (BLOCK // CP,). mask has the walk's shape."""
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     if PER_SAMPLE_T:
         t = tl.load(t_ptr + b)
     else:
         t = t_scalar + 0 * b  # an int64 scalar either way
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return b, pid, t, i, i < N
+    if LAYOUT_CL:
+        i = pid.to(tl.int64) * (BLOCK // CP) + tl.arange(0, BLOCK // CP)
+        c = tl.arange(0, CP)
+        mask = (c < C)[:, None] & (i < HW)[None, :]
+    else:
+        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.arange(0, 1)
+        mask = i < N
+    return b, pid, t, i, c, mask
 
 
 @triton.jit
-def offsets(b, i, stride_b, stride_pix, C, LAYOUT_CL: tl.constexpr):
-    """Memory offsets (int64) of iteration indices i of sample b for one tensor."""
+def offsets(b, i, c, stride_b, stride_pix, LAYOUT_CL: tl.constexpr):
+    """Memory offsets (int64) of one tensor at a program's walk (see program_coords)."""
     if LAYOUT_CL:
-        return b * stride_b + (i // C) * stride_pix + i % C
+        return b * stride_b + i[None, :] * stride_pix + c[:, None]  # (CP, PIX)
     return b * stride_b + i
 
 
@@ -158,11 +184,15 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.contiguous()
 
 
+MAX_CL_CHANNELS = 256  # a channels_last tile holds all channels of its pixels
+
+
 def pick_layout(x: torch.Tensor):
-    """The layout the kernel walks: x's own when supported (channels_last only for 4-D
-    tensors whose pixel stride is exactly C, i.e. dense), else contiguous."""
+    """(x or a contiguous copy, layout): the layout the kernel walks is x's own when supported
+    (channels_last for dense 4-D tensors, pixel stride exactly C, of at most MAX_CL_CHANNELS
+    channels), else contiguous."""
     lay = sample_layout(x)
-    if lay == "cl" and x.stride(3) != x.shape[1]:
+    if lay == "cl" and (x.stride(3) != x.shape[1] or x.shape[1] > MAX_CL_CHANNELS):
         lay = None
     if lay is None:
         return x.contiguous(), "contig"
@@ -176,13 +206,40 @@ def launch_config(n_per_sample: int):
     return block, (8 if block >= 4096 else 4)
 
 
-def grid(B: int, n_per_sample: int, block: int):
-    blocks = math.ceil(n_per_sample / block)
-    if blocks > 65535:
-        raise ValueError(f"one sample has {n_per_sample} elements, more than the kernels' limit of "
-                         f"{65535 * block}")
-    return (B, blocks)
+class Walk:
+    """How a kernel walks x (B, ...) in `layout`: its constexprs (BLOCK, LAYOUT_CL, CP, QUAD),
+    num_warps and grid, and the shape arguments N (per sample), C, HW."""
+
+    def __init__(self, x: torch.Tensor, layout: str):
+        B, self.N = x.shape[0], x[0].numel()
+        self.C = x.shape[1] if x.ndim > 1 else 1
+        self.HW = self.N // self.C
+        block, self.num_warps = launch_config(self.N)
+        cl = layout == "cl"
+        cp = triton.next_power_of_2(self.C) if cl else 1
+        block = max(block, 4 * cp)  # at least 4 pixels a tile: a run of 4 shares a Philox counter
+        per_block = block // cp if cl else block
+        total = self.HW if cl else self.N
+        blocks = math.ceil(total / per_block)
+        if blocks > 65535:
+            raise ValueError(f"one sample has {self.N} elements, more than the kernels' limit of "
+                             f"{65535 * per_block * (self.C if cl else 1)}")
+        self.grid = (B, blocks)
+        self.meta = dict(BLOCK=block, LAYOUT_CL=cl, CP=cp, QUAD=self.HW % 4 == 0)
+
+
+def as_i32(v: int) -> int:
+    """The int32 with v's low 32 bits: per-call integers travel as one kernel type (i32)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def split_seed(seed: int):
-    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    """(seed_lo, seed_hi) as int32 bit patterns."""
+    return as_i32(seed), as_i32(seed >> 32)
+
+
+def device_guard(x: torch.Tensor):
+    """Make x's CUDA device current for a launch (Triton launches on the current device);
+    nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

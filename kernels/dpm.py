@@ -22,14 +22,14 @@ import triton.language as tl
 from fastddpm.dpm_solver import DPM_ROW
 from fastddpm.schedule import ROW
 
-from .common import (block_noise, flag_non_finite, grid, launch_config, offsets, pick_layout, pixel_stride,
+from .common import (Walk, as_i32, block_noise, device_guard, flag_non_finite, offsets, pick_layout, pixel_stride,
                      program_coords, rng_args, sample_layout, split_seed, to_layout)
 
 PRED = {"eps": 0, "x0": 1, "v": 2}
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
 
-@triton.jit(do_not_specialize=["t_scalar", "seed_lo", "seed_hi", "sample_offset"])
+@triton.jit(do_not_specialize=["t_scalar", "S", "seed_lo", "seed_hi", "sample_offset"])
 def dpm_step_kernel(
     x_ptr, mo_ptr, prev_ptr, z_ptr, out_ptr, x0_ptr,           # tensors (B, ...) in one layout
     sxb, sxp, smb, smp, spb, spp, szb, szp, sob, sop, s0b, s0p,  # batch and pixel strides
@@ -41,12 +41,12 @@ def dpm_step_kernel(
     ROW_STD: tl.constexpr,
     PRED: tl.constexpr, CLIP: tl.constexpr, SECOND: tl.constexpr, NOISE: tl.constexpr,
     PER_SAMPLE_T: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
-    RNG_PTR: tl.constexpr, CHECK: tl.constexpr,
+    RNG_PTR: tl.constexpr, CHECK: tl.constexpr, CP: tl.constexpr, QUAD: tl.constexpr,
 ):
-    b, pid, t, i, mask = program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T, BLOCK)
+    b, pid, t, i, c, mask = program_coords(t_ptr, t_scalar, N, C, HW, PER_SAMPLE_T, BLOCK, LAYOUT_CL, CP)
 
-    x = tl.load(x_ptr + offsets(b, i, sxb, sxp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
-    mo = tl.load(mo_ptr + offsets(b, i, smb, smp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offsets(b, i, c, sxb, sxp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + offsets(b, i, c, smb, smp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
 
     # data prediction x0 of this step
     if PRED == 0:
@@ -64,23 +64,23 @@ def dpm_step_kernel(
     if SECOND:
         d = tl.load(dpm_ptr + ROW_D * S + t)
         if d != 0.0:
-            prev = tl.load(prev_ptr + offsets(b, i, spb, spp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+            prev = tl.load(prev_ptr + offsets(b, i, c, spb, spp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
             out = out + d * (x0 - prev)
     # SDE noise sigma_t sqrt(1 - e^-2h) z (zero at the step to sigma 0)
     if NOISE != 0:
         std = tl.load(dpm_ptr + ROW_STD * S + t)
         if std != 0.0:
             if NOISE == 1:
-                z = tl.load(z_ptr + offsets(b, i, szb, szp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + offsets(b, i, c, szb, szp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
             else:
                 k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
-                z = block_noise(pid, first + b, t, k_lo, k_hi, i, C, HW, BLOCK, LAYOUT_CL)
+                z = block_noise(pid, first + b, t, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
             out = out + std * z
 
-    tl.store(out_ptr + offsets(b, i, sob, sop, C, LAYOUT_CL), out, mask=mask)
+    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
     if CHECK:
         flag_non_finite(flag_ptr, out, mask, t)
-    tl.store(x0_ptr + offsets(b, i, s0b, s0p, C, LAYOUT_CL), x0, mask=mask)
+    tl.store(x0_ptr + offsets(b, i, c, s0b, s0p, LAYOUT_CL), x0, mask=mask)
 
 
 def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, order: int, solver_type: str,
@@ -90,10 +90,9 @@ def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, or
     out / x0_out: float32 buffers to write (may be x_t / prev_x0 themselves). For captured loops,
     rng (int64 device (seed_lo, seed_hi, sample_offset)) replaces seed and sample_offset, and
     flag (int64 device scalar) is raised to t when the new state holds a non-finite value."""
-    B, C = x_t.shape[0], x_t.shape[1]
+    C = x_t.shape[1]
     x_t, layout = pick_layout(x_t)
-    N = x_t[0].numel()
-    HW = N // C
+    walk = Walk(x_t, layout)
     dev = x_t.device
     mo = to_layout(model_output, layout)
     second = order == 2 and prev_x0 is not None
@@ -114,19 +113,20 @@ def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, or
         noise_mode = NOISE_PHILOX if (seed is not None or rng is not None) else NOISE_NONE
     per_sample = isinstance(t, torch.Tensor)
     seed_lo, seed_hi = split_seed(seed or 0)
-    block, warps = launch_config(N)
-    dpm_step_kernel[grid(B, N, block)](
-        x_t, mo, prev, z, out, x0_out,
-        x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), prev.stride(0), pixel_stride(prev),
-        z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0_out.stride(0), pixel_stride(x0_out),
-        tab, rows, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
-        N, C, HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, sample_offset,
-        rng if rng is not None else tab, flag if flag is not None else tab,
-        ROW["sqrt_recip_abar"], ROW["sqrt_recipm1_abar"], ROW["sqrt_abar"], ROW["sqrt_one_minus_abar"],
-        DPM_ROW["x_coef"], DPM_ROW["x0_coef"], DPM_ROW["d_coef"], DPM_ROW["noise_std"],
-        PRED=PRED[prediction], CLIP=clip is not None, SECOND=second, NOISE=noise_mode, PER_SAMPLE_T=per_sample,
-        LAYOUT_CL=layout == "cl", BLOCK=block, RNG_PTR=rng is not None, CHECK=flag is not None, num_warps=warps,
-    )
+    with device_guard(x_t):
+        dpm_step_kernel[walk.grid](
+            x_t, mo, prev, z, out, x0_out,
+            x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), prev.stride(0), pixel_stride(prev),
+            z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0_out.stride(0), pixel_stride(x0_out),
+            tab, rows, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
+            walk.N, C, walk.HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, as_i32(sample_offset),
+            rng if rng is not None else tab, flag if flag is not None else tab,
+            ROW["sqrt_recip_abar"], ROW["sqrt_recipm1_abar"], ROW["sqrt_abar"], ROW["sqrt_one_minus_abar"],
+            DPM_ROW["x_coef"], DPM_ROW["x0_coef"], DPM_ROW["d_coef"], DPM_ROW["noise_std"],
+            PRED=PRED[prediction], CLIP=clip is not None, SECOND=second, NOISE=noise_mode,
+            PER_SAMPLE_T=per_sample, RNG_PTR=rng is not None, CHECK=flag is not None,
+            **walk.meta, num_warps=walk.num_warps,
+        )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)
     if user_x0 is not None and user_x0 is not x0_out:

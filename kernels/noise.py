@@ -10,19 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (block_noise, grid, launch_config, offsets, pick_layout, pixel_stride, program_coords, rng_args,
-                     split_seed)
+from .common import Walk, as_i32, block_noise, device_guard, offsets, pick_layout, pixel_stride, program_coords, rng_args, split_seed
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "sample_offset", "tag"])
 def normal_kernel(
     out_ptr, sob, sop, N, C, HW, rng_ptr, seed_lo, seed_hi, sample_offset, tag,
-    RNG_PTR: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
+    RNG_PTR: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr, CP: tl.constexpr, QUAD: tl.constexpr,
 ):
-    b, pid, _, i, mask = program_coords(rng_ptr, 0, N, False, BLOCK)  # no step index here
+    b, pid, _, i, c, mask = program_coords(rng_ptr, 0, N, C, HW, False, BLOCK, LAYOUT_CL, CP)  # no step index
     k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
-    z = block_noise(pid, first + b, tag, k_lo, k_hi, i, C, HW, BLOCK, LAYOUT_CL)
-    tl.store(out_ptr + offsets(b, i, sob, sop, C, LAYOUT_CL), z, mask=mask)
+    z = block_noise(pid, first + b, tag, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
+    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), z, mask=mask)
 
 
 def normal_forward(out: torch.Tensor, tag: int, *, seed: int | None = None, sample_offset: int = 0,
@@ -33,13 +32,12 @@ def normal_forward(out: torch.Tensor, tag: int, *, seed: int | None = None, samp
     target, layout = pick_layout(out)
     if target is not out:
         raise ValueError("out must be contiguous or channels_last inside each sample")
-    B, N = out.shape[0], out[0].numel()
-    C = out.shape[1] if out.ndim > 1 else 1
+    walk = Walk(out, layout)
     seed_lo, seed_hi = split_seed(seed or 0)
-    block, warps = launch_config(N)
-    normal_kernel[grid(B, N, block)](
-        out, out.stride(0), pixel_stride(out), N, C, N // C, rng if rng is not None else out,
-        seed_lo, seed_hi, sample_offset, tag,
-        RNG_PTR=rng is not None, LAYOUT_CL=layout == "cl", BLOCK=block, num_warps=warps,
-    )
+    with device_guard(out):
+        normal_kernel[walk.grid](
+            out, out.stride(0), pixel_stride(out), walk.N, walk.C, walk.HW, rng if rng is not None else out,
+            seed_lo, seed_hi, as_i32(sample_offset), as_i32(tag),
+            RNG_PTR=rng is not None, **walk.meta, num_warps=walk.num_warps,
+        )
     return out

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from fastddpm.schedule import ROW
 
-from .common import (block_noise, flag_non_finite, grid, launch_config, offsets, pick_layout, pixel_stride,
+from .common import (Walk, as_i32, block_noise, device_guard, flag_non_finite, offsets, pick_layout, pixel_stride,
                      program_coords, rng_args, sample_layout, split_seed, to_layout)
 
 PRED = {"eps": 0, "x0": 1, "v": 2}
@@ -35,7 +35,7 @@ def _row(tab_ptr, row: tl.constexpr, S, t):
     return tl.load(tab_ptr + row * S + t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t_scalar", "S", "seed_lo", "seed_hi", "sample_offset"])
 def step_kernel(
     x_ptr, mo_ptr, v_ptr, z_ptr, out_ptr, x0_ptr,          # tensors (B, ...) in one layout
     sxb, sxp, smb, smp, svb, svp, szb, szp, sob, sop, s0b, s0p,  # batch and pixel strides
@@ -48,12 +48,13 @@ def step_kernel(
     ROW_LOG_BETA: tl.constexpr, ROW_SQRT_ABAR_PREV: tl.constexpr,
     DDIM: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
     PER_SAMPLE_T: tl.constexpr, WRITE_X0: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
-    RNG_PTR: tl.constexpr, CHECK: tl.constexpr, USE_CLIPPED: tl.constexpr,
+    RNG_PTR: tl.constexpr, CHECK: tl.constexpr, USE_CLIPPED: tl.constexpr, CP: tl.constexpr,
+    QUAD: tl.constexpr,
 ):
-    b, pid, t, i, mask = program_coords(t_ptr, t_scalar, N, PER_SAMPLE_T, BLOCK)
+    b, pid, t, i, c, mask = program_coords(t_ptr, t_scalar, N, C, HW, PER_SAMPLE_T, BLOCK, LAYOUT_CL, CP)
 
-    x = tl.load(x_ptr + offsets(b, i, sxb, sxp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
-    mo = tl.load(mo_ptr + offsets(b, i, smb, smp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offsets(b, i, c, sxb, sxp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + offsets(b, i, c, smb, smp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
 
     # predicted x0 (and the raw eps DDIM needs)
     if PRED == 0:
@@ -84,7 +85,7 @@ def step_kernel(
         elif VAR == 1:
             std = _row(tab_ptr, ROW_STD_LARGE, S, t)
         else:
-            v = tl.load(v_ptr + offsets(b, i, svb, svp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offsets(b, i, c, svb, svp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
             frac = (v + 1.0) * 0.5
             log_var = frac * _row(tab_ptr, ROW_LOG_BETA, S, t) + (1.0 - frac) * _row(tab_ptr, ROW_LOGVAR_SMALL, S, t)
             std = tl.exp(0.5 * log_var)
@@ -93,33 +94,32 @@ def step_kernel(
     if NOISE != 0:
         if t > 0:
             if NOISE == 1:
-                z = tl.load(z_ptr + offsets(b, i, szb, szp, C, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + offsets(b, i, c, szb, szp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
             else:
                 k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
-                z = block_noise(pid, first + b, t, k_lo, k_hi, i, C, HW, BLOCK, LAYOUT_CL)
+                z = block_noise(pid, first + b, t, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
             out = out + std * z
 
-    tl.store(out_ptr + offsets(b, i, sob, sop, C, LAYOUT_CL), out, mask=mask)
+    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
     if CHECK:
         flag_non_finite(flag_ptr, out, mask, t)
     if WRITE_X0:
-        tl.store(x0_ptr + offsets(b, i, s0b, s0p, C, LAYOUT_CL), x0, mask=mask)
+        tl.store(x0_ptr + offsets(b, i, c, s0b, s0p, LAYOUT_CL), x0, mask=mask)
 
 
 def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, prediction: str, variance: str,
                  clip, seed, sample_offset: int, return_x0: bool, out=None, rng=None, flag=None,
                  use_clipped_model_output: bool = False, x0_out=None):
-    """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a LongTensor (B,).
+    """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a contiguous
+    LongTensor (B,) on x_t's device (fastddpm._checks.check_t).
 
     For captured loops: rng, an int64 device tensor (seed_lo, seed_hi, sample_offset), replaces
     seed and sample_offset (so one captured launch serves any seed and batch); flag, an int64
     device scalar, is raised to t (atomic max) when the new state holds a non-finite value;
     x0_out, a float32 buffer in x_t's layout, receives x0 when return_x0 (a static buffer)."""
-    B = x_t.shape[0]
     C = x_t.shape[1]
     x_t, layout = pick_layout(x_t)
-    N = x_t[0].numel()
-    HW = N // C
+    walk = Walk(x_t, layout)
     dev = x_t.device
     mo, v = model_output, model_output
     if variance == "learned_range" and not ddim:
@@ -147,22 +147,22 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
         noise_mode = NOISE_NONE
     per_sample = isinstance(t, torch.Tensor)
     seed_lo, seed_hi = split_seed(seed or 0)
-    block, warps = launch_config(N)
-    step_kernel[grid(B, N, block)](
-        x_t, mo, v, z, out, x0,
-        x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), v.stride(0), pixel_stride(v),
-        z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0.stride(0), pixel_stride(x0),
-        tab, sig, dir_, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
-        N, C, HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, sample_offset,
-        rng if rng is not None else tab, flag if flag is not None else tab,
-        ROW["sqrt_recip_abar"], ROW["sqrt_recipm1_abar"], ROW["sqrt_abar"], ROW["sqrt_one_minus_abar"],
-        ROW["coef_x0"], ROW["coef_xt"], ROW["std_small"], ROW["std_large"], ROW["log_var_small"],
-        ROW["log_beta"], ROW["sqrt_abar_prev"],
-        DDIM=ddim, PRED=PRED[prediction], VAR=VAR[variance], CLIP=clip is not None, NOISE=noise_mode,
-        PER_SAMPLE_T=per_sample, WRITE_X0=return_x0, LAYOUT_CL=layout == "cl", BLOCK=block,
-        RNG_PTR=rng is not None, CHECK=flag is not None, USE_CLIPPED=ddim and use_clipped_model_output,
-        num_warps=warps,
-    )
+    with device_guard(x_t):
+        step_kernel[walk.grid](
+            x_t, mo, v, z, out, x0,
+            x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), v.stride(0), pixel_stride(v),
+            z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0.stride(0), pixel_stride(x0),
+            tab, sig, dir_, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
+            walk.N, C, walk.HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, as_i32(sample_offset),
+            rng if rng is not None else tab, flag if flag is not None else tab,
+            ROW["sqrt_recip_abar"], ROW["sqrt_recipm1_abar"], ROW["sqrt_abar"], ROW["sqrt_one_minus_abar"],
+            ROW["coef_x0"], ROW["coef_xt"], ROW["std_small"], ROW["std_large"], ROW["log_var_small"],
+            ROW["log_beta"], ROW["sqrt_abar_prev"],
+            DDIM=ddim, PRED=PRED[prediction], VAR=VAR[variance], CLIP=clip is not None, NOISE=noise_mode,
+            PER_SAMPLE_T=per_sample, WRITE_X0=return_x0, RNG_PTR=rng is not None, CHECK=flag is not None,
+                USE_CLIPPED=ddim and use_clipped_model_output,
+            **walk.meta, num_warps=walk.num_warps,
+        )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)
     if return_x0 and x0_out is not None and x0_out is not x0:
