@@ -1,164 +1,198 @@
-"""Compile every kernel variant fastddpm launches for real GPUs (sm_80, sm_90), without a GPU.
+"""Compile exactly what fastddpm's real launches compile, for an H100 (sm_90), without a GPU.
 
 The CPU tests run the kernels under Triton's interpreter, which accepts code the compiler
-rejects (and vice versa). This script records the exact arguments of real launches (the
-launchers run on CPU tensors; the kernel objects are swapped for recorders) and compiles
-each recorded variant through Triton's NVIDIA backend down to a cubin (ptxas ships with
-Triton's wheel). Run by tests/test_kernel_compile.py in a fresh process without
-TRITON_INTERPRET; prints one line per variant and exits 1 on any failure.
+rejects (and vice versa). This script runs the public API (fastddpm.ops for every step
+option, q_sample, the x_T noise kernel, the graph loop's LoopPlan with its rng / flag
+pointers) on CPU tensors of a small and a large shape, both layouts, records each launch
+(tests/kernel_launches.py), binds it through Triton's own JIT binder for sm_90 (so the
+specialisation, 16-byte alignment and divisibility attributes are those of a GPU launch) and
+compiles each distinct variant down to a cubin with the ptxas in Triton's wheel. It reads
+registers and local memory (spills) from `cuobjdump -res-usage` and the global load widths
+from the SASS (LDG.E.128 = 128-bit), prints a table, and exits 1 if a variant fails to
+compile, spills, or is a contiguous variant without a 128-bit global load.
+
+Add launches by appending a function to RECIPES: it gets (shape, channels_last, label) and
+calls the public API; set label[0] to describe what follows.
+
+Run by tests/test_kernel_compile.py in a fresh process without TRITON_INTERPRET.
 """
+import collections
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET: the compiler is under test"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from fastddpm import Schedule, rng  # noqa: E402
-from fastddpm.kernels import dpm as dpm_mod  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_launches as kl  # noqa: E402
+
+from fastddpm import Schedule, graphs, ops, rng  # noqa: E402
 from fastddpm.kernels import noise as noise_mod  # noqa: E402
-from fastddpm.kernels import q_sample as q_mod  # noqa: E402
-from fastddpm.kernels import step as step_mod  # noqa: E402
 
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-          torch.int32: "i32"}
-LAUNCHES = []
+SHAPES = ((2, 3, 8, 8), (16, 3, 256, 256))
+S = Schedule.linear(1000)
 
 
-class Recorder:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            LAUNCHES.append((self.fn, args, kwargs))
-        return launch
+def _like(shape, cl, dtype=torch.float32, channels=None):
+    x = torch.randn(shape[0], channels or shape[1], *shape[2:]).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if cl else x
 
 
-def signature(fn, args, kwargs):
-    sig, constexprs = {}, {}
-    for name, value in zip(fn.arg_names, list(args) + [None] * (len(fn.arg_names) - len(args))):
-        if name in kwargs:
-            sig[name] = "constexpr"
-            constexprs[name] = kwargs[name]
-        elif isinstance(value, torch.Tensor):
-            sig[name] = "*" + DTYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            sig[name] = "fp32"
+def step_options():
+    """The fused step: a base launch and every option changed once (the kernel's constexprs)."""
+    base = dict(method="ddpm", prediction="eps", variance="fixed_small", clip=1.0, noise="seed", t="int",
+                mo_dtype=torch.float32, return_x0=False, eta=0.5, clipped=False)
+    yield base
+    for key, values in dict(method=("ddim",), prediction=("x0", "v"), variance=("fixed_large", "learned_range"),
+                            clip=(None,), noise=("tensor",), t=("tensor",), return_x0=(True,),
+                            mo_dtype=(torch.bfloat16, torch.float16)).items():
+        for v in values:
+            yield {**base, key: v}
+    yield {**base, "method": "ddim", "eta": 0.0, "noise": "none"}
+    yield {**base, "method": "ddim", "clipped": True}  # DDIM's eps re-derived from the clipped x0 (USE_CLIPPED)
+
+
+def recipe_ops_steps(shape, cl, label):
+    for o in step_options():
+        label[0] = "step " + " ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in o.items() if base_differs(k, v))
+        x = _like(shape, cl)
+        mo = _like(shape, cl, o["mo_dtype"], 2 * shape[1] if o["variance"] == "learned_range" else None)
+        t = torch.full((shape[0],), 5) if o["t"] == "tensor" else 5
+        kw = dict(prediction=o["prediction"], clip=o["clip"], return_x0=o["return_x0"])
+        if o["noise"] == "seed":
+            kw.update(seed=3, sample_offset=7)
+        noise = _like(shape, cl) if o["noise"] == "tensor" else None
+        if o["method"] == "ddpm":
+            ops.ddpm_step(S, x, t, mo, noise, variance=o["variance"], **kw)
         else:
-            raise TypeError(f"{name}: cannot type {value!r}")
-    return sig, constexprs
+            ops.ddim_step(S, x, t, mo, noise, eta=o["eta"], use_clipped_model_output=o["clipped"], **kw)
 
 
-def step_configs():
-    """One option changed at a time from a base launch, plus the captured loop's launches."""
-    base = dict(ddim=False, prediction="eps", variance="fixed_small", clip=1.0, noise="seed", t_kind="int",
-                mo_dtype=torch.float32, graph=False, x0=False, clipped=False)
-    choices = dict(ddim=(True,), prediction=("x0", "v"), variance=("fixed_large", "learned_range"), clip=(None,),
-                   noise=("tensor", "none"), t_kind=("tensor",), mo_dtype=(torch.bfloat16, torch.float16),
-                   x0=(True,))
-    yield base
-    for key, values in choices.items():
-        for v in values:
-            yield {**base, key: v}
-    yield {**base, "ddim": True, "clipped": True}  # DDIM's eps re-derived from the clipped x0 (USE_CLIPPED)
-    yield {**base, "ddim": True, "clipped": True, "noise": "none", "graph": True}
-    # self-conditioning in the captured loop: x0 written to a static buffer
-    yield {**base, "x0": True, "graph": True}
-    yield {**base, "ddim": True, "clipped": True, "noise": "none", "graph": True, "x0": True}
-    for (ddim, variance, noise), mo_dtype in itertools.product(
-            ((False, "fixed_small", "seed"), (False, "learned_range", "seed"), (True, "fixed_small", "none"),
-             (True, "fixed_small", "seed")), (torch.float32, torch.bfloat16)):
-        yield {**base, "ddim": ddim, "variance": variance, "noise": noise, "mo_dtype": mo_dtype, "graph": True}
+def base_differs(k, v):
+    return v != dict(method="ddpm", prediction="eps", variance="fixed_small", clip=1.0, noise="seed", t="int",
+                     mo_dtype=torch.float32, return_x0=False, eta=0.5, clipped=False).get(k)
 
 
-def dpm_configs():
-    """DPM-Solver++ launches: one option changed at a time, plus the captured loop's launches."""
-    base = dict(method="sde-dpmsolver++", order=2, prediction="eps", clip=None, noise="seed", t_kind="int",
-                mo_dtype=torch.float32, graph=False, prev=True)
-    choices = dict(method=("dpmsolver++",), order=(1,), prediction=("x0", "v"), clip=(1.0,), noise=("tensor",),
-                   t_kind=("tensor",), mo_dtype=(torch.bfloat16, torch.float16), prev=(False,))
-    yield base
-    for key, values in choices.items():
-        for v in values:
-            yield {**base, key: v}
-    for method, mo_dtype in itertools.product(("dpmsolver++", "sde-dpmsolver++"), (torch.float32, torch.bfloat16)):
-        yield {**base, "method": method, "mo_dtype": mo_dtype, "graph": True}
+def recipe_q_sample(shape, cl, label):
+    for draw, per_sample in itertools.product((True, False), (False, True)):
+        label[0] = f"q_sample {'seed' if draw else 'noise'} t={'tensor' if per_sample else 'int'}"
+        t = torch.full((shape[0],), 5) if per_sample else 5
+        x0 = _like(shape, cl)
+        if draw:
+            ops.q_sample(S, x0, t, seed=3)
+        else:
+            ops.q_sample(S, x0, t, _like(shape, cl))
+
+
+def recipe_noise(shape, cl, label):
+    label[0] = "x_T seed"
+    noise_mod.normal_forward(_like(shape, cl), rng.TAG_INIT, seed=3)
+
+
+def recipe_graph_loop(shape, cl, label):
+    """The graph loop's launches: x_T and steps reading (seed, offset) and the flag from device memory."""
+    for method, variance, eta, mo_dtype, extra in (
+            ("ddpm", "fixed_small", 0.0, torch.float32, {}),
+            ("ddpm", "learned_range", 0.0, torch.float32, {}),
+            ("ddim", "fixed_small", 0.0, torch.float32, {}),
+            ("ddim", "fixed_small", 1.0, torch.float32, {}),
+            ("ddpm", "fixed_small", 0.0, torch.bfloat16, {}),
+            ("ddim", "fixed_small", 0.0, torch.float32, dict(use_clipped_model_output=True)),
+            ("ddpm", "fixed_small", 0.0, torch.float32, dict(self_condition=True)),  # x0 to a static buffer
+            ("ddim", "fixed_small", 0.0, torch.float32, dict(use_clipped_model_output=True, self_condition=True))):
+        label[0] = f"graph {method} {variance} eta={eta} {str(mo_dtype).replace('torch.', '')} " + \
+            " ".join(f"{k}" for k in extra)
+        channels = 2 * shape[1] if variance == "learned_range" else shape[1]
+        mo = _like(shape, cl, mo_dtype, channels)
+        opts = dict(method=method, eta=eta, prediction="eps", variance=variance, clip=1.0,
+                    use_clipped_model_output=False, self_condition=False, **extra)
+        plan = graphs.LoopPlan(lambda x, t, *cond: mo, S, shape, torch.device("cpu"), opts,
+                               layout=torch.channels_last if cl else torch.contiguous_format)
+        plan.begin()
+        plan.step()
+
+
+RECIPES = [recipe_ops_steps, recipe_q_sample, recipe_noise, recipe_graph_loop]
 
 
 def record_launches():
-    step_mod.step_kernel = Recorder(step_mod.step_kernel)
-    q_mod.q_sample_kernel = Recorder(q_mod.q_sample_kernel)
-    noise_mod.normal_kernel = Recorder(noise_mod.normal_kernel)
-    dpm_mod.dpm_step_kernel = Recorder(dpm_mod.dpm_step_kernel)
-    s = Schedule.linear(100)
-    flag = torch.full((), -1, dtype=torch.long)
-    args = torch.zeros(3, dtype=torch.long)
-    for shape, cl in (((2, 3, 8, 8), False), ((2, 3, 8, 8), True), ((2, 3, 64, 64), False)):
-        x = torch.randn(shape)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for cfg in step_configs():
-            ddim, variance, graph = cfg["ddim"], cfg["variance"], cfg["graph"]
-            C = shape[1] * (2 if variance == "learned_range" else 1)
-            mo = torch.randn(shape[0], C, *shape[2:]).to(cfg["mo_dtype"])
-            if cl:
-                mo = mo.contiguous(memory_format=torch.channels_last)
-            t = torch.full((shape[0],), 5) if cfg["t_kind"] == "tensor" or graph else 5
-            z = torch.randn(shape) if cfg["noise"] == "tensor" else None
-            seed = 3 if cfg["noise"] == "seed" and not graph else None
-            step_mod.step_forward(s, x, t, mo, z, ddim=ddim, eta=0.0 if cfg["noise"] == "none" else 0.5,
-                                  prediction=cfg["prediction"], variance=variance, clip=cfg["clip"], seed=seed,
-                                  sample_offset=0, return_x0=cfg["x0"], out=x if graph else None,
-                                  rng=args if graph else None, flag=flag if graph else None,
-                                  use_clipped_model_output=cfg["clipped"])
-        for draw, t_kind in itertools.product((True, False), ("int", "tensor")):
-            t = torch.full((shape[0],), 5) if t_kind == "tensor" else 5
-            q_mod.q_sample_forward(s, x, t, None if draw else torch.randn(shape), 3 if draw else None, 0)
-        noise_mod.normal_forward(torch.empty(shape), rng.TAG_INIT, rng=args)
-        for cfg in dpm_configs():
-            graph = cfg["graph"]
-            mo = torch.randn(shape).to(cfg["mo_dtype"])
-            if cl:
-                mo = mo.contiguous(memory_format=torch.channels_last)
-            t = torch.full((shape[0],), 5) if cfg["t_kind"] == "tensor" or graph else 5
-            dpm_mod.dpm_step_forward(s, x, t, mo, x.clone() if cfg["prev"] else None,
-                                     torch.randn(shape) if cfg["noise"] == "tensor" else None,
-                                     method=cfg["method"], order=cfg["order"], solver_type="midpoint",
-                                     prediction=cfg["prediction"], clip=cfg["clip"],
-                                     seed=3 if cfg["noise"] == "seed" and not graph else None, sample_offset=0,
-                                     out=x if graph else None, rng=args if graph else None,
-                                     flag=flag if graph else None)
-        noise_mod.normal_forward(torch.empty(shape), rng.TAG_INIT, seed=3)
+    ops._use_kernels = lambda x: True  # CPU tensors, no interpreter: launch (record) the kernels anyway
+    with kl.record() as (launches, label):
+        for shape, cl in itertools.product(SHAPES, (False, True)):
+            for recipe in RECIPES:
+                n = len(launches)
+                recipe(shape, cl, label)
+                for launch in launches[n:]:
+                    launch.label = f"{'x'.join(map(str, shape))} {'cl' if cl else 'contig'} {launch.label}"
+    return launches
+
+
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _widths(sass, op):
+    """{access width in bits: count} of the global loads (LDG) or stores (STG) in SASS; the
+    LDG.E.CONSTANT loads of libdevice's sin/cos range-reduction table are left out."""
+    widths = collections.Counter()
+    for suffix in re.findall(rf"\b{op}\.E(\S*)", sass):
+        if ".CONSTANT" in suffix:
+            continue
+        bits = re.search(r"\.(128|64|U8|S8|U16|S16)\b", suffix)
+        widths[{"128": 128, "64": 64, "U8": 8, "S8": 8, "U16": 16, "S16": 16}[bits.group(1)] if bits else 32] += 1
+    return widths
+
+
+def inspect_cubin(cubin: bytes):
+    """(registers, local memory bytes, load widths, store widths) of the kernel in a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True)
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res.stdout, re.S)
+    return int(m.group(1)), int(m.group(2)), _widths(sass.stdout, "LDG"), _widths(sass.stdout, "STG")
+
+
+def _fmt(widths):
+    return " ".join(f"{w}x{n}" for w, n in sorted(widths.items(), reverse=True)) or "-"
 
 
 def main():
-    record_launches()
-    variants = {}
-    for fn, args, kwargs in LAUNCHES:
-        num_warps = kwargs.pop("num_warps", 4)
-        sig, constexprs = signature(fn, args, kwargs)
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), num_warps)
-        variants[key] = (fn, sig, constexprs, num_warps)
+    launches = record_launches()
+    variants = kl.distinct_variants(launches)
+    print(f"triton {triton.__version__}, sm_90: {len(launches)} recorded launches, {len(variants)} distinct variants")
+    print("regs: registers a thread; spill B: local memory a thread (spills); loads / stores: global accesses,")
+    print("bits x count (128 = LDG.E.128 / STG.E.128). A contiguous variant must load 128 bits at a time")
+    print("(the x_T kernel, which loads nothing per element, must store 128 bits at a time).")
+    print(f"{'variant (shape layout launch)':<66} {'regs':>4} {'spill B':>7}  {'loads':<22} stores")
     failures = 0
-    for arch in (90,):  # the H100s this project targets
-        target = GPUTarget("cuda", arch, 32)
-        for (name, _, consts, _), (fn, sig, constexprs, num_warps) in variants.items():
-            try:
-                k = triton.compile(ASTSource(fn, sig, constexprs), target=target, options=dict(num_warps=num_warps))
-                assert k.asm.get("cubin"), "no cubin"
-            except Exception as e:  # noqa: BLE001 - report every failing variant
-                failures += 1
-                print(f"FAIL sm_{arch} {name} {dict(consts)}: {type(e).__name__}: {str(e)[-2000:]}")
-        print(f"sm_{arch}: compiled {len(variants)} variants, {failures} failures so far")
+    for key, (bound, labels) in variants.items():
+        label = labels[0] + (f" (+{len(labels) - 1})" if len(labels) > 1 else "")
+        try:
+            k = bound.compile()
+            regs, local, loads, stores = inspect_cubin(k.asm["cubin"])
+        except Exception as e:  # noqa: BLE001 - report every failing variant
+            failures += 1
+            print(f"FAIL {bound.name} {label}: {type(e).__name__}: {str(e)[-1500:]}")
+            continue
+        problems = []
+        if local:
+            problems.append("SPILLS")
+        if " contig " in f" {label} ":
+            if bound.name == "normal_kernel" and not stores.get(128):
+                problems.append("NO 128-BIT STORE")
+            elif bound.name != "normal_kernel" and not loads.get(128):
+                problems.append("NO 128-BIT LOAD")
+        failures += bool(problems)
+        print(f"{label[:66]:<66} {regs:>4} {local:>7}  {_fmt(loads):<22} {_fmt(stores)} {' '.join(problems)}")
+    print(f"sm_90: compiled {len(variants)} variants, {failures} failures")
     sys.exit(1 if failures else 0)
 
 

@@ -358,3 +358,114 @@ def test_device_side_noise_arguments_and_non_finite_flag(sched, layout):
     close(z, rng.normal_like(x, seed, first, rng.TAG_INIT), 1e-5)
     normal_forward(z, 5, seed=seed, sample_offset=first)
     close(z, rng.normal_like(x, seed, first, 5), 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 3, 17, 29), (2, 5, 6, 2), (1, 4, 1, 3)])
+@pytest.mark.parametrize("seed,offset", [(11, 0), (2**63 + 2**40 + 7, 2**32 - 2)])
+def test_channels_last_kernel_noise_is_the_stream(sched, shape, seed, offset):
+    """The channels_last walk draws the stream of logical element c * HW + hw: with HW % 4 == 0
+    one Philox counter per run of 4 pixels (all 4 outputs used), else one per element. The
+    integer part is bit-exact, so the noise equals fastddpm.rng to float32 rounding of the
+    transcendentals (~1e-6); seeds and offsets past 2**31 (sent to the kernel as int32 bit
+    patterns) included."""
+    from fastddpm.kernels.noise import normal_forward
+
+    B = shape[0]
+    offset = min(offset, 2**32 - B)
+    x0 = torch.randn(shape, device=dev()).contiguous(memory_format=torch.channels_last)
+    _, z = ops.q_sample(sched, x0, 3, seed=seed, sample_offset=offset)
+    assert z.is_contiguous(memory_format=torch.channels_last) or shape[1] == 1 or shape[2] * shape[3] == 1
+    torch.testing.assert_close(z, rng.normal_like(x0, seed, offset, rng.TAG_Q_SAMPLE), rtol=2e-6, atol=2e-6)
+    out = poisoned(shape).contiguous(memory_format=torch.channels_last)
+    normal_forward(out, rng.TAG_INIT, seed=seed, sample_offset=offset)
+    torch.testing.assert_close(out, rng.normal_like(x0, seed, offset, rng.TAG_INIT), rtol=2e-6, atol=2e-6)
+    contig = normal_forward(poisoned(shape), rng.TAG_INIT, seed=seed, sample_offset=offset)
+    torch.testing.assert_close(out, contig, rtol=0, atol=0)  # one stream, whatever the layout
+
+
+@pytest.mark.parametrize("kind", ["0-d", "strided", "int32"])
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_t_0d_strided_and_int32_tensors(sched, kind, layout):
+    """check_t hands the kernels a contiguous int64 t (B,): a 0-d t used to reach them as a
+    stride-0 view and a strided t as is, while they read t_ptr + b (off by 1.86 relative;
+    q_sample segfaulted under the interpreter)."""
+    B, shape = 5, (5, 3, 6, 7)
+    x = torch.randn(shape, device=dev())
+    mo = torch.randn(shape, device=dev())
+    x0 = torch.randn(shape, device=dev())
+    if layout == "channels_last":
+        x, mo, x0 = (a.contiguous(memory_format=torch.channels_last) for a in (x, mo, x0))
+    if kind == "0-d":
+        t = torch.tensor(sched.num_steps - 2, device=dev())
+    elif kind == "strided":
+        t = torch.randint(1, sched.num_steps, (2 * B,), device=dev())[::2]
+    else:
+        t = torch.randint(1, sched.num_steps, (B,), device=dev(), dtype=torch.int32)
+    t_ref = t.long().expand(B).clone()
+    got = ops.ddpm_step(sched, x, t, mo, seed=4, sample_offset=2)
+    close(got, diffusion.ddpm_step(sched, x, t_ref, mo, seed=4, sample_offset=2), 1e-5)
+    got = ops.ddim_step(sched, x, t, mo, eta=0.5, seed=4)
+    close(got, diffusion.ddim_step(sched, x, t_ref, mo, eta=0.5, seed=4), 1e-5)
+    xt, z = ops.q_sample(sched, x0, t, seed=9)
+    close(xt, diffusion.q_sample(sched, x0, t_ref, z), 1e-5)
+    close(z, rng.normal_like(x0, 9, 0, rng.TAG_Q_SAMPLE), 2e-6)
+
+
+def test_every_launch_runs_under_a_device_guard_of_its_tensors(sched, monkeypatch):
+    """Triton launches on the CURRENT CUDA device, so each launcher makes its tensors' device
+    current around the launch (kernels.common.device_guard). Emulated on one device / the CPU:
+    device_guard is wrapped to record the device it is entered with, and every kernel is wrapped
+    to record whether it is launched inside an open guard and on which device. What this cannot
+    show without two GPUs is torch.cuda.device switching the device; that part is torch's."""
+    from fastddpm.kernels import common, noise, q_sample, step
+
+    entered, launched = [], []
+    real_guard = common.device_guard
+
+    class Guard:
+        def __init__(self, x):
+            self.inner, self.device = real_guard(x), x.device
+
+        def __enter__(self):
+            entered.append(self.device)
+            self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            entered.pop()
+            return self.inner.__exit__(*exc)
+
+    def wrap(kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launched.append(entered[-1] if entered else None)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Launcher()
+
+    for mod in (noise, q_sample, step):
+        monkeypatch.setattr(mod, "device_guard", Guard)
+    monkeypatch.setattr(step, "step_kernel", wrap(step.step_kernel))
+    monkeypatch.setattr(q_sample, "q_sample_kernel", wrap(q_sample.q_sample_kernel))
+    monkeypatch.setattr(noise, "normal_kernel", wrap(noise.normal_kernel))
+    x = torch.randn(2, 3, 4, 4, device=dev())
+    ops.ddpm_step(sched, x, 3, torch.randn_like(x), seed=1)
+    ops.ddim_step(sched, x, 3, torch.randn_like(x), eta=1.0, seed=1)
+    ops.q_sample(sched, x, 3, seed=1)
+    noise.normal_forward(torch.empty_like(x), rng.TAG_INIT, seed=1)
+    assert launched == [x.device] * 4 and entered == []
+
+
+def test_device_guard_selects_the_tensors_cuda_device():
+    """device_guard of a tensor on cuda:1 is torch.cuda.device(1) (a stand-in object: no second
+    GPU is needed to build the guard, only to enter it); CPU tensors get a no-op guard."""
+    from fastddpm.kernels.common import device_guard
+
+    class OnCuda1:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    guard = device_guard(OnCuda1())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with device_guard(torch.empty(1)):
+        pass
