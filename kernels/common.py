@@ -5,17 +5,18 @@ pure-PyTorch implementation of the same stream): Philox4x32-10 on the counter
 (q_lo, q_hi, sample, tag) with key (seed_lo, seed_hi), q = element // 4, then float32
 Box-Muller on (w0, w1) and (w2, w3) giving the 4 normals of elements 4q .. 4q+3.
 
-Layouts. Every tensor a kernel touches is dense inside each sample (any batch stride), in one
-of two layouts; the launcher copies anything else (the only copy ever made):
+Layouts. Every tensor a kernel touches is contiguous inside each sample (any batch stride)
+or 4-D channels_last-like; the launcher copies anything else (the only copy ever made):
   LAYOUT_CL = False: contiguous. A program walks BLOCK consecutive elements i (logical element
                      i, at b * stride_b + i): coalesced, 128-bit loads when strides allow.
-  LAYOUT_CL = True:  4-D channels_last (pixel stride C). A program walks a (CP, PIX) tile,
-                     channels c < C (CP = C rounded up to a power of two) x PIX pixels hw, at
-                     b * stride_b + hw * C + c; logical element c * HW + hw.
-In-kernel noise: with HW % 4 == 0 (every even-sized image) a channels_last tile draws one
+  LAYOUT_CL = True:  channels_last (channel stride 1, pixel stride P >= C; x_t's own P is C).
+                     A program walks a (CP, PIX) tile, channels c < C (CP = C rounded up to a
+                     power of two) x PIX pixels hw, at b * stride_b + hw * P + c; logical
+                     element c * HW + hw.
+In-kernel noise: with HW % 4 == 0 (e.g. even height and width) a channels_last tile draws one
 Philox counter per run of 4 pixels of one channel, q = (c * HW + hw) / 4, and uses all 4 of
-its outputs, as the contiguous walk does. Otherwise (odd HW) the 4 elements of a counter
-straddle channels, and each element computes its own counter (4x the Philox work).
+its outputs, as the contiguous walk does. Otherwise the 4 elements of a counter straddle
+channels, and each element computes its own counter (4x the Philox work).
 
 Per-call integers (step index, seed halves, first sample index, tag, S) are passed
 unspecialised (`do_not_specialize`) and as 32-bit patterns (`as_i32`), so a sampling run
