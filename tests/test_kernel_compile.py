@@ -55,10 +55,11 @@ def test_a_sampling_run_compiles_a_handful_of_kernels(monkeypatch, backend, meth
     for (name, _), (_, labels) in variants.items():
         per_kernel[name] = per_kernel.get(name, 0) + 1
     print(len(launches), "launches", per_kernel)
-    assert sum(1 for launch in launches if launch.name == "step_kernel") == 2 * steps  # two batches
-    # one step kernel for the whole run: the step index, seed, batch offset vary per launch;
-    # the graph loop also launches the x_T kernel once per batch (one more variant; two for a
-    # channels_last model: its first call draws x_T contiguous, before the layout is known)
+    # every step of both batches (the graph loop adds its warm-up steps)
+    assert sum(1 for launch in launches if launch.name == "step_kernel") >= 2 * steps
+    # one step kernel for the whole run although the step index, seed and batch offset vary
+    # per launch; the graph loop also draws x_T in a kernel (one more variant; two when the
+    # model returns channels_last but has no weights to tell the layout before its first call,
+    # which then draws x_T contiguous)
     assert per_kernel.get("step_kernel") == 1, per_kernel
-    want_noise = 0 if backend == "fused" else (2 if cl else 1)
-    assert per_kernel.get("normal_kernel", 0) == want_noise, per_kernel
+    assert per_kernel.get("normal_kernel", 0) == (0 if backend == "fused" else 2 if cl else 1), per_kernel
