@@ -110,8 +110,8 @@ def recipe_graph_loop(shape, cl, label):
             " ".join(f"{k}" for k in extra)
         channels = 2 * shape[1] if variance == "learned_range" else shape[1]
         mo = _like(shape, cl, mo_dtype, channels)
-        opts = dict(method=method, eta=eta, prediction="eps", variance=variance, clip=1.0,
-                    use_clipped_model_output=False, self_condition=False, **extra)
+        opts = {**dict(method=method, eta=eta, prediction="eps", variance=variance, clip=1.0,
+                       use_clipped_model_output=False, self_condition=False), **extra}
         plan = graphs.LoopPlan(lambda x, t, *cond: mo, S, shape, torch.device("cpu"), opts,
                                layout=torch.channels_last if cl else torch.contiguous_format)
         plan.begin()
