@@ -2,14 +2,15 @@
 
 The CPU tests run the kernels under Triton's interpreter, which accepts code the compiler
 rejects (and vice versa). This script runs the public API (fastddpm.ops for every step
-option, q_sample, the x_T noise kernel, the graph loop's LoopPlan with its rng / flag
-pointers) on CPU tensors of a small and a large shape, both layouts, records each launch
-(tests/kernel_launches.py), binds it through Triton's own JIT binder for sm_90 (so the
-specialisation, 16-byte alignment and divisibility attributes are those of a GPU launch) and
-compiles each distinct variant down to a cubin with the ptxas in Triton's wheel. It reads
-registers and local memory (spills) from `cuobjdump -res-usage` and the global load widths
-from the SASS (LDG.E.128 = 128-bit), prints a table, and exits 1 if a variant fails to
-compile, spills, or is a contiguous variant without a 128-bit global load.
+option, q_sample, the x_T noise kernel, ops.dpm_solver_step, the graph loop's LoopPlan with its
+rng / flag pointers for DDPM/DDIM and DPM-Solver++) on CPU tensors of a small and a large
+shape, both layouts, records each launch (tests/kernel_launches.py), binds it through Triton's
+own JIT binder for sm_90 (so the specialisation, 16-byte alignment and divisibility attributes
+are those of a GPU launch) and compiles each distinct variant down to a cubin with the ptxas
+in Triton's wheel. It reads registers and local memory (spills) from `cuobjdump -res-usage`
+and the global load widths from the SASS (LDG.E.128 = 128-bit), prints a table, and exits 1
+if a variant fails to compile, spills, or is a contiguous variant without a 128-bit global
+load.
 
 Add launches by appending a function to RECIPES: it gets (shape, channels_last, label) and
 calls the public API; set label[0] to describe what follows.
@@ -118,7 +119,52 @@ def recipe_graph_loop(shape, cl, label):
         plan.step()
 
 
-RECIPES = [recipe_ops_steps, recipe_q_sample, recipe_noise, recipe_graph_loop]
+def dpm_options():
+    """The fused DPM-Solver++ step: a base launch (second-order SDE with in-kernel noise) and
+    every option changed once."""
+    base = dict(method="sde-dpmsolver++", order=2, solver_type="midpoint", prediction="eps", clip=None,
+                noise="seed", t="int", mo_dtype=torch.float32, in_place=False)
+    yield base
+    for key, values in dict(method=("dpmsolver++",), order=(1,), solver_type=("heun",), prediction=("x0", "v"),
+                            clip=(1.0,), noise=("tensor",), t=("tensor",), mo_dtype=(torch.bfloat16, torch.float16),
+                            in_place=(True,)).items():
+        for v in values:
+            yield {**base, key: v}
+    yield {**base, "method": "dpmsolver++", "order": 1, "noise": "none"}  # ODE first step: no prev_x0, no noise
+
+
+def recipe_dpm(shape, cl, label):
+    """ops.dpm_solver_step for every option, then the graph loop's DPM launches (t, the rng and
+    the flag read from device memory, the previous x0 in a static buffer)."""
+    base = next(dpm_options())
+    for o in dpm_options():
+        label[0] = "dpm " + (" ".join(f"{k}={str(v).replace('torch.', '')}" for k, v in o.items() if v != base[k])
+                             or "sde 2nd-order seed")
+        x = _like(shape, cl)
+        mo = _like(shape, cl, o["mo_dtype"])
+        t = torch.full((shape[0],), 5) if o["t"] == "tensor" else 5
+        prev = _like(shape, cl) if o["order"] == 2 or o["in_place"] else None
+        noise = _like(shape, cl) if o["noise"] == "tensor" and o["method"] == "sde-dpmsolver++" else None
+        kw = dict(method=o["method"], order=o["order"], solver_type=o["solver_type"], prediction=o["prediction"],
+                  clip=o["clip"])
+        if o["noise"] == "seed":
+            kw.update(seed=3, sample_offset=7)
+        if o["in_place"]:
+            kw.update(out=x, x0_out=prev)
+        ops.dpm_solver_step(S, x, t, mo, prev, noise, **kw)
+    for method, order, mo_dtype in itertools.product(("dpmsolver++", "sde-dpmsolver++"), (1, 2),
+                                                     (torch.float32, torch.bfloat16)):
+        label[0] = f"graph {method} order={order} {str(mo_dtype).replace('torch.', '')}"
+        mo = _like(shape, cl, mo_dtype)
+        opts = dict(method=method, order=order, solver_type="midpoint", eta=0.0, prediction="eps",
+                    variance="fixed_small", clip=None, use_clipped_model_output=False, self_condition=False)
+        plan = graphs.LoopPlan(lambda x, t, *cond: mo, S, shape, torch.device("cpu"), opts,
+                               layout=torch.channels_last if cl else torch.contiguous_format)
+        plan.begin()
+        plan.step()
+
+
+RECIPES = [recipe_ops_steps, recipe_q_sample, recipe_noise, recipe_graph_loop, recipe_dpm]
 
 
 def record_launches():
