@@ -25,7 +25,8 @@ def test_all_kernel_variants_compile_for_sm90():
 
 
 @pytest.mark.parametrize("backend", ["fused", "graph"])
-@pytest.mark.parametrize("method,steps,cl", [("ddpm", 1000, False), ("ddim", 50, False), ("ddpm", 1000, True)])
+@pytest.mark.parametrize("method,steps,cl", [("ddpm", 1000, False), ("ddim", 50, False), ("ddpm", 1000, True),
+                                             ("dpmsolver++", 20, False), ("sde-dpmsolver++", 20, True)])
 def test_a_sampling_run_compiles_a_handful_of_kernels(monkeypatch, backend, method, steps, cl):
     """Count the kernels Triton's JIT would compile for every launch of a whole sampling run.
 
@@ -55,11 +56,14 @@ def test_a_sampling_run_compiles_a_handful_of_kernels(monkeypatch, backend, meth
     for (name, _), (_, labels) in variants.items():
         per_kernel[name] = per_kernel.get(name, 0) + 1
     print(len(launches), "launches", per_kernel)
+    kernel = "step_kernel" if method in ("ddpm", "ddim") else "dpm_step_kernel"
     # every step of both batches (the graph loop adds its warm-up steps)
-    assert sum(1 for launch in launches if launch.name == "step_kernel") >= 2 * steps
+    assert sum(1 for launch in launches if launch.name == kernel) >= 2 * steps
     # one step kernel for the whole run although the step index, seed and batch offset vary
-    # per launch; the graph loop also draws x_T in a kernel (one more variant; two when the
-    # model returns channels_last but has no weights to tell the layout before its first call,
-    # which then draws x_T contiguous)
-    assert per_kernel.get("step_kernel") == 1, per_kernel
+    # per launch (DPM-Solver++: also its first-order first and last steps, which read the zeroed
+    # previous x0 with a zero coefficient); the graph loop also draws x_T in a kernel (one more
+    # variant; two when the model returns channels_last but has no weights to tell the layout
+    # before its first call, which then draws x_T contiguous)
+    assert per_kernel.get(kernel) == 1, per_kernel
+    assert set(per_kernel) <= {kernel, "normal_kernel"}, per_kernel
     assert per_kernel.get("normal_kernel", 0) == (0 if backend == "fused" else 2 if cl else 1), per_kernel
