@@ -23,10 +23,13 @@ def one_of(value, allowed, name):
     return value
 
 
-def check_schedule(s):
-    from .schedule import Schedule
+# fastddpm.schedule.Schedule, registered by fastddpm.schedule when it is imported: this module is the
+# bottom layer (schedule -> dpm_solver -> _checks), so it must not import schedule itself.
+SCHEDULE_TYPE: type | None = None
 
-    if not isinstance(s, Schedule):
+
+def check_schedule(s):
+    if SCHEDULE_TYPE is None or not isinstance(s, SCHEDULE_TYPE):
         raise TypeError(f"s must be a fastddpm.Schedule; got {type(s).__name__}")
 
 

@@ -13,7 +13,8 @@ DDPM step (Ho et al. eq. 6-7, Algorithm 2): x_{t-1} = coef_x0 x0 + coef_xt x_t +
     learned_range: log sigma^2 = f log beta + (1 - f) log posterior variance, f = (v + 1) / 2
                    (Nichol & Dhariwal 2021 eq. 15); the model returns 2C channels [eps | v].
 DPM-Solver++ (Lu et al. 2022), first and multistep second order, ODE and SDE: `dpm_solver_step`,
-    defined in fastddpm/dpm_solver.py and re-exported here.
+    x_{t-1} = a x_t + b x0 + d (x0 - x0_prev) + std z with float64-computed per-step rows
+    (their derivation and the respacing: fastddpm/dpm_solver.py).
 DDIM step (Song et al. 2021 eq. 12):
     x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)    (eq. 16)
@@ -38,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from . import rng
+from . import dpm_solver, rng
 from .schedule import ROW, Schedule
 
 __all__ = ["q_sample", "predict_x0", "predict_eps", "eps_from_x0", "training_target", "posterior_mean",
@@ -228,4 +229,56 @@ def ddim_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
     return (out, x0) if return_x0 else out
 
 
-from .dpm_solver import dpm_solver_step  # noqa: E402  (re-exported: every method's reference step lives here)
+def _row_at(row, t, x):
+    return row[t] if isinstance(t, int) else row[t].view(-1, *([1] * (x.ndim - 1)))
+
+
+def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0: torch.Tensor | None = None,
+                    noise: torch.Tensor | None = None, *, method: str = "dpmsolver++", order: int = 2,
+                    solver_type: str = "midpoint", prediction: str = "eps", clip: float | None = None,
+                    seed: int | None = None, sample_offset: int = 0):
+    """One DPM-Solver++ step from step t to t - 1 (sigma 0 after t = 0); the coefficients and their
+    derivation (Lu et al. 2022) are in fastddpm/dpm_solver.py.
+
+    x_t: (B, C, ...) float; t: step index int or LongTensor (B,); model_output: (B, C, ...);
+    prev_x0: (B, C, ...) the x0 this function returned at step t + 1 (needed by second-order
+    steps: order=2 except the first and last steps; ignored elsewhere, may be None there);
+    noise: (B, C, ...) standard normal for method="sde-dpmsolver++" (ignored where t == 0,
+    whose noise coefficient is 0), or None with seed=<int>: drawn from the stream at
+    (seed, sample_offset + b, tag=t[b]). clip=c clamps x0 to [-c, c] (diffusers has none here).
+    Returns (x_{t-1}, x0): the new state and this step's x0, both float32, the x0 to pass as
+    prev_x0 to the next step.
+    """
+    C.check_schedule(s)
+    C.check_float_tensor(x_t, "x_t")
+    dpm_solver.check_dpm_options(method, order, solver_type)
+    C.one_of(prediction, C.PREDICTIONS, "prediction")
+    clip = C.check_clip(clip)
+    t = C.check_t(s, t, x_t)
+    C.check_model_output(model_output, x_t, "fixed_small")
+    at_zero = isinstance(t, int) and t == 0
+    C.check_noise_source(noise, seed, x_t, needs_noise=method == "sde-dpmsolver++" and not at_zero)
+    C.check_sample_offset(sample_offset)
+    coef = s.dpm_coefficients(method, order, solver_type)
+    needs_prev = order == 2 and (not isinstance(t, int) or float(coef.d_coef[t]) != 0.0)
+    if prev_x0 is not None:
+        C.check_like(prev_x0, x_t, "prev_x0")
+    elif needs_prev:
+        raise ValueError(f"prev_x0 is required: step t={t if isinstance(t, int) else 'tensor'} of order=2 is a "
+                         "second-order step (pass the x0 the previous step returned)")
+
+    x0 = predict_x0(s, x_t, t, model_output, prediction)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    rows = s.dpm_rows(x_t.device, method, order, solver_type)  # (4, S) float32
+    row = dpm_solver.DPM_ROW
+    a, b = _row_at(rows[row["x_coef"]], t, x_t), _row_at(rows[row["x0_coef"]], t, x_t)
+    out = a * x_t.float() + b * x0
+    if prev_x0 is not None and order == 2:
+        d = _row_at(rows[row["d_coef"]], t, x_t)
+        out = out + torch.where(d != 0, d * (x0 - prev_x0.float()), torch.zeros_like(out))
+    if method == "sde-dpmsolver++" and not at_zero:
+        z = noise.float() if noise is not None else rng.normal_like(x_t, seed, sample_offset, t)
+        std = _row_at(rows[row["noise_std"]], t, x_t)
+        out = out + torch.where(std != 0, std * z, torch.zeros_like(out))
+    return out, x0

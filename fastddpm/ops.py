@@ -188,7 +188,7 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
             raise TypeError(f"x0_out must be float32; got {x0_out.dtype}")
     kw = dict(method=method, order=order, solver_type=solver_type, prediction=prediction, clip=clip)
     if not _use_kernels(x_t):
-        x, x0 = dpm_solver.dpm_solver_step(s, x_t, t, model_output, prev_x0, noise, seed=seed,
+        x, x0 = diffusion.dpm_solver_step(s, x_t, t, model_output, prev_x0, noise, seed=seed,
                                            sample_offset=sample_offset, **kw)
         return (out.copy_(x) if out is not None else x), (x0_out.copy_(x0) if x0_out is not None else x0)
     from fastddpm.kernels import dpm as dpm_mod

@@ -498,7 +498,7 @@ def _step_fn(backend, method):
     """The step function of a backend; the fused one updates the state in place (out=x, and
     for DPM-Solver the previous x0 buffer: x0_out=prev_x0)."""
     if backend == "reference":
-        return {"ddpm": diffusion.ddpm_step, "ddim": diffusion.ddim_step}.get(method, dpm_solver.dpm_solver_step)
+        return {"ddpm": diffusion.ddpm_step, "ddim": diffusion.ddim_step}.get(method, diffusion.dpm_solver_step)
     from . import ops
 
     if method in C.DPM_METHODS:

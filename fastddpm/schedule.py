@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _checks
 from .diffusers_schedule import schedule_from_diffusers
 
 __all__ = ["Schedule", "SPACINGS", "ROW"]
@@ -251,6 +252,9 @@ class Schedule:
     def __repr__(self) -> str:
         return (f"Schedule(num_steps={self.num_steps}, num_train_timesteps={self.num_train_timesteps}, "
                 f"timesteps=[{int(self.timesteps[0])}..{int(self.timesteps[-1])}])")
+
+
+_checks.SCHEDULE_TYPE = Schedule  # what _checks.check_schedule accepts
 
 
 def _check_positive_int(v, name):

@@ -8,7 +8,8 @@ import torch
 
 import fastddpm
 from fastddpm import Schedule, compat
-from fastddpm.dpm_solver import dpm_indices, dpm_solver_step
+from fastddpm.diffusion import dpm_solver_step
+from fastddpm.dpm_solver import dpm_indices
 from fastddpm.testing import GaussianDataModel
 
 PREDS = ("eps", "x0", "v")
