@@ -249,23 +249,9 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
     Returns (x_{t-1}, x0): the new state and this step's x0, both float32, the x0 to pass as
     prev_x0 to the next step.
     """
-    C.check_schedule(s)
-    C.check_float_tensor(x_t, "x_t")
-    dpm_solver.check_dpm_options(method, order, solver_type)
-    C.one_of(prediction, C.PREDICTIONS, "prediction")
-    clip = C.check_clip(clip)
-    t = C.check_t(s, t, x_t)
-    C.check_model_output(model_output, x_t, "fixed_small")
+    t, clip = dpm_solver.check_dpm_step_args(s, x_t, t, model_output, prev_x0, noise, method, order, solver_type,
+                                             prediction, clip, seed, sample_offset)
     at_zero = isinstance(t, int) and t == 0
-    C.check_noise_source(noise, seed, x_t, needs_noise=method == "sde-dpmsolver++" and not at_zero)
-    C.check_sample_offset(sample_offset)
-    coef = s.dpm_coefficients(method, order, solver_type)
-    needs_prev = order == 2 and (not isinstance(t, int) or float(coef.d_coef[t]) != 0.0)
-    if prev_x0 is not None:
-        C.check_like(prev_x0, x_t, "prev_x0")
-    elif needs_prev:
-        raise ValueError(f"prev_x0 is required: step t={t if isinstance(t, int) else 'tensor'} of order=2 is a "
-                         "second-order step (pass the x0 the previous step returned)")
 
     x0 = predict_x0(s, x_t, t, model_output, prediction)
     if clip is not None:

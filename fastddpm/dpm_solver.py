@@ -38,7 +38,7 @@ from . import _checks as C
 
 
 __all__ = ["DPM_METHODS", "SOLVER_TYPES", "DPM_SPACINGS", "dpm_indices", "DpmCoefficients", "dpm_coefficients",
-           "check_dpm_options"]
+           "check_dpm_options", "check_dpm_step_args"]
 
 DPM_METHODS = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -107,6 +107,30 @@ def check_dpm_options(method, order, solver_type):
     if isinstance(order, bool) or order not in (1, 2):
         raise ValueError(f"order must be 1 or 2 for method={method!r}; got {order!r}")
     C.one_of(solver_type, SOLVER_TYPES, "solver_type")
+
+
+def check_dpm_step_args(s, x_t, t, model_output, prev_x0, noise, method, order, solver_type, prediction, clip, seed,
+                        sample_offset):
+    """Validate one DPM-Solver++ step's arguments (shared by the reference and the fused op);
+    returns (t, clip) normalised as fastddpm._checks does."""
+    C.check_schedule(s)
+    C.check_float_tensor(x_t, "x_t")
+    check_dpm_options(method, order, solver_type)
+    C.one_of(prediction, C.PREDICTIONS, "prediction")
+    clip = C.check_clip(clip)
+    t = C.check_t(s, t, x_t)
+    C.check_model_output(model_output, x_t, "fixed_small")
+    at_zero = isinstance(t, int) and t == 0
+    C.check_noise_source(noise, seed, x_t, needs_noise=method == "sde-dpmsolver++" and not at_zero)
+    C.check_sample_offset(sample_offset)
+    if sample_offset + x_t.shape[0] > 2**32:
+        raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x_t.shape[0]}")
+    if prev_x0 is not None:
+        C.check_like(prev_x0, x_t, "prev_x0")
+    elif order == 2 and (not isinstance(t, int) or float(s.dpm_coefficients(method, order, solver_type).d_coef[t])):
+        raise ValueError(f"prev_x0 is required: step t={t if isinstance(t, int) else 'tensor'} of order=2 is a "
+                         "second-order step (pass the x0 the previous step returned)")
+    return t, clip
 
 
 def dpm_coefficients(s, method: str = "dpmsolver++", order: int = 2, solver_type: str = "midpoint"):

@@ -164,23 +164,8 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
 
     out / x0_out: float32 buffers shaped like x_t to write into; they may be x_t / prev_x0
     themselves (the loop's in-place update)."""
-    C.check_schedule(s)
-    C.check_float_tensor(x_t, "x_t")
-    dpm_solver.check_dpm_options(method, order, solver_type)
-    C.one_of(prediction, C.PREDICTIONS, "prediction")
-    clip = C.check_clip(clip)
-    t = C.check_t(s, t, x_t)
-    C.check_model_output(model_output, x_t, "fixed_small")
-    at_zero = isinstance(t, int) and t == 0
-    C.check_noise_source(noise, seed, x_t, needs_noise=method == "sde-dpmsolver++" and not at_zero)
-    C.check_sample_offset(sample_offset)
-    if sample_offset + x_t.shape[0] > 2**32:
-        raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x_t.shape[0]}")
-    if prev_x0 is not None:
-        C.check_like(prev_x0, x_t, "prev_x0")
-    elif order == 2 and (not isinstance(t, int) or float(s.dpm_coefficients(method, order, solver_type).d_coef[t])):
-        raise ValueError(f"prev_x0 is required: step t={t if isinstance(t, int) else 'tensor'} of order=2 is a "
-                         "second-order step (pass the x0 the previous step returned)")
+    t, clip = dpm_solver.check_dpm_step_args(s, x_t, t, model_output, prev_x0, noise, method, order, solver_type,
+                                             prediction, clip, seed, sample_offset)
     _check_out(out, x_t)
     if x0_out is not None:
         C.check_like(x0_out, x_t, "x0_out")
