@@ -1,23 +1,8 @@
-"""CUDA-graph captured sampling loops: `fastddpm.sample(..., backend="graph")`.
+"""CUDA-graph captured sampling loops: `fastddpm.sample(..., backend="graph")`, and their
+per-model cache.
 
-At small and medium batches a sampling step is dominated by launch and Python overhead.
-Here the whole loop runs from captured CUDA graphs:
-
-- static buffers: the state x (B, C, H, W) float32, the step index of every sample i (B,)
-  int64, the noise stream's (seed_lo, seed_hi, first sample) rng (3,) int64, the
-  first-bad-step flag () int64 and, for self-conditioning and DPM-Solver++, the previous step's x0 (like x; one buffer
-  serves both),
-  all on the device;
-- one step = timesteps[i] gathered on the device -> model(x, t) -> the fused step kernel
-  (noise drawn in the kernel from rng, t read from i, the non-finite check folded into the
-  kernel as an atomic max into the flag) -> i -= 1. Nothing in it reads the host;
-- the loop is cut into an "init" graph (x_T drawn in a kernel under TAG_INIT, i = S - 1,
-  flag = -1), a "chunk" graph of K = min(CHUNK_STEPS, S) steps replayed S // K times and,
-  when K does not divide S, a "tail" graph of S % K steps. All share one memory pool, so
-  activations are allocated once, not per step. A chunk of steps instead of the whole loop
-  keeps capture cheap (its cost grows with K) and gives `progress=True` a point to report
-  at; replays are queued asynchronously, so the host stays ahead of the GPU for any K whose
-  replay takes longer than a graph launch (~10 us): K = 10 covers batch 1 of a small U-Net.
+One loop (static buffers, the init / chunk / tail graphs, warm-up and capture) is
+`fastddpm.graph_loop`; this module decides when one is built and keeps it.
 
 A captured loop serves any seed and any batch of a run (both are device data), so it is
 built once per (model weights, batch shape, model dtype, schedule, step options, K) and
@@ -41,16 +26,14 @@ call.) These follow from the caching allocator's pool semantics; the test marked
 the pools with torch.cuda.memory_snapshot (no GPU figure was taken where this was written).
 
 Builds are serialised per model (two threads sampling one model capture once; the second
-waits and replays the first's loop), and fastddpm's captures run one at a time in the
-process, in capture_error_mode="thread_local": another thread's host synchronisation or
-cudaMalloc neither fails nor invalidates a capture.
+waits and replays the first's loop); captures run one at a time in the process
+(fastddpm.graph_loop).
 
-Warm-up runs the loop body eagerly on a side stream first (Triton compilation, cuDNN and
-torch.compile autotuning stay out of the capture). If the capture fails, `sample` falls back
-to the fused eager loop with a warning (backend="auto") or raises (backend="graph"). The
-failure is remembered for that key only when the model's own code failed (it synchronises
-with the host, branches on tensor values, copies from host memory); a transient failure (out
-of memory, a capture invalidated from outside) is not cached: the next call captures again.
+If the capture fails, `sample` falls back to the fused eager loop with a warning
+(backend="auto") or raises (backend="graph"). The failure is remembered for that key only
+when the model's own code failed (it synchronises with the host, branches on tensor values,
+copies from host memory); a transient failure (out of memory, a capture invalidated from
+outside) is not cached: the next call captures again.
 """
 from __future__ import annotations
 
@@ -63,12 +46,12 @@ import weakref
 import torch
 from torch import nn
 
-from . import rng
-from .layout import follow_layout
+from .graph_loop import CaptureError, GraphLoop, LoopPlan
+from .graph_loop import capturing  # noqa: F401 - public here too: models and tests ask fastddpm.graphs
 
 __all__ = ["supported", "clear_cache", "CaptureError", "CHUNK_STEPS"]
 
-CHUNK_STEPS = 10        # steps per replayed graph (see the module docstring)
+CHUNK_STEPS = 10        # steps per replayed graph (see fastddpm.graph_loop's docstring)
 MAX_ENTRIES = 4         # cached loops per model (batch sizes, dtypes, schedules...), least recently used go
 EMULATE_ON_CPU = False  # tests: run the graph loop's body eagerly on the CPU, without capturing
 
@@ -76,18 +59,6 @@ _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> _M
 # models that cannot be weakly referenced: id -> (model, graphs); the model is held so its id stays unique
 _strong_cache: "collections.OrderedDict" = collections.OrderedDict()
 _lock = threading.Lock()          # guards the two dicts above and every _ModelGraphs.loops
-_capture_lock = threading.Lock()  # one capture at a time in the process
-_emulated = threading.local()     # EMULATE_ON_CPU: .capturing is True while a "capture" runs
-
-
-class CaptureError(RuntimeError):
-    """The model's forward could not be captured in a CUDA graph. `model_failed`: the model's
-    own code failed (cached: that configuration is not captured again); otherwise transient."""
-
-    def __init__(self, message, model_failed: bool = True):
-        super().__init__(message)
-        self.model_failed = model_failed
-        self.reported = False
 
 
 def supported(device: torch.device) -> tuple[bool, str]:
@@ -97,14 +68,6 @@ def supported(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda" or (EMULATE_ON_CPU and device.type == "cpu"):
         return ops.kernels_available()
     return False, f"needs a CUDA device (it replays CUDA graphs); got device {device}"
-
-
-def capturing() -> bool:
-    """Whether this thread is capturing a CUDA graph (or, under EMULATE_ON_CPU, running the body
-    in place of a capture: tests model a forward that cannot be captured with it)."""
-    if getattr(_emulated, "capturing", False):
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def clear_cache(model=None) -> None:
@@ -125,262 +88,6 @@ def cached_entries(model) -> int:
     """How many captured loops are cached for `model` (for tests and diagnostics)."""
     group = _group(model, create=False)
     return 0 if group is None else len(group.loops)
-
-
-# ----------------------------------------------------------------------------------- plan
-class LoopPlan:
-    """One batch's sampling loop on static buffers, with the step index on the device.
-
-    forward(x, t[, x0]) -> model output is the model call (dtype casts and autocast included);
-    begin() draws x_T and resets the index and flag; step() runs one step. Both only launch
-    device work on device data, so they can be captured."""
-
-    def __init__(self, forward, s, shape, device, opts, layout=torch.contiguous_format):
-        from .kernels.step import step_forward
-
-        self._step_forward = step_forward
-        self.forward = forward
-        self.s = s
-        self.S = s.num_steps
-        self.device = device
-        B = shape[0]
-        self.x = torch.empty(shape, dtype=torch.float32, device=device, memory_format=layout)
-        self.i = torch.empty(B, dtype=torch.long, device=device)
-        self.rng = torch.zeros(3, dtype=torch.long, device=device)
-        self.flag = torch.full((), -1, dtype=torch.long, device=device)
-        # self-conditioning: the previous step's clipped x0, written by the step kernel
-        self.x0 = torch.zeros_like(self.x) if opts["self_condition"] else None
-        self.timesteps = s.timesteps_on(device)
-        ddim = opts["method"] == "ddim"
-        # DPM-Solver++: the previous step's x0 in a static buffer, updated in place by the step kernel
-        self.dpm = opts["method"] in ("dpmsolver++", "sde-dpmsolver++")
-        self.self_condition = opts["self_condition"]
-        if self.dpm and self.x0 is None:  # DPM-Solver++ reads the previous x0 from the same buffer
-            self.x0 = torch.zeros_like(self.x)
-        # the captured launches read these by address: hold them for the life of the plan
-        self._tables = (s.table(device), s.ddim_rows(device, opts["eta"]) if ddim else None,
-                        s.dpm_rows(device, opts["method"], opts["order"], opts["solver_type"]) if self.dpm else None)
-        if self.dpm:
-            from .kernels.dpm import dpm_step_forward
-
-            self._dpm_forward = dpm_step_forward
-            self.kw = dict(method=opts["method"], order=opts["order"], solver_type=opts["solver_type"],
-                           prediction=opts["prediction"], clip=opts["clip"], seed=None, sample_offset=0)
-        else:
-            self.kw = dict(ddim=ddim, eta=opts["eta"] if ddim else 0.0, prediction=opts["prediction"],
-                           variance=opts["variance"] if not ddim else "fixed_small", clip=opts["clip"],
-                           seed=None, sample_offset=0, return_x0=self.x0 is not None,
-                           use_clipped_model_output=ddim and opts["use_clipped_model_output"])
-
-    def set_rng(self, seed: int, first_sample: int):
-        self.rng[0].fill_(seed & 0xFFFFFFFF)
-        self.rng[1].fill_(seed >> 32)
-        self.rng[2].fill_(first_sample)
-
-    def begin(self):
-        from .kernels.noise import normal_forward
-
-        normal_forward(self.x, rng.TAG_INIT, rng=self.rng)
-        if self.x0 is not None:
-            self.x0.zero_()
-        self.i.fill_(self.S - 1)
-        self.flag.fill_(-1)
-
-    def step(self):
-        t = torch.index_select(self.timesteps, 0, self.i)
-        mo = self.forward(self.x, t, *self._cond())
-        if self.dpm:  # first-order steps (the first, the last) never read the previous x0
-            self._dpm_forward(self.s, self.x, self.i, mo, self.x0, None, **self.kw, out=self.x, x0_out=self.x0,
-                              rng=self.rng, flag=self.flag)
-        else:
-            self._step_forward(self.s, self.x, self.i, mo, None, **self.kw, out=self.x, rng=self.rng,
-                               flag=self.flag, x0_out=self.x0)
-        self.i.sub_(1)
-
-    def _cond(self):
-        return (self.x0,) if self.self_condition else ()
-
-    def steps(self, k: int):
-        for _ in range(k):
-            self.step()
-
-    def first_call(self, check_output):
-        """The first model call, eager: validates the output and adopts its memory layout
-        (a channels_last model keeps a channels_last state, so the step never copies)."""
-        self.begin()
-        t = torch.index_select(self.timesteps, 0, self.i)
-        mo = self.forward(self.x, t, *self._cond())
-        check_output(mo, self.x)
-        self.x = follow_layout(self.x, mo)
-        if self.x0 is not None:
-            self.x0 = follow_layout(self.x0, mo)
-
-
-# ----------------------------------------------------------------------------------- loop
-class GraphLoop:
-    """A LoopPlan cut into captured graphs (init, chunk of K steps, tail), replayed per batch,
-    in the memory pool of its model's `group`. With capture=False (EMULATE_ON_CPU) the same
-    calls run eagerly, each "capture" running its body once: what tests on the CPU see."""
-
-    def __init__(self, plan: LoopPlan, chunk: int, group: "_ModelGraphs", capture: bool):
-        self.plan = plan
-        self.group = group
-        self.k = min(chunk, plan.S)
-        self.n_chunks, self.tail = divmod(plan.S, self.k)
-        self.capture = capture
-        self._init = plan.begin
-        self._chunk = lambda: plan.steps(self.k)
-        self._tail = lambda: plan.steps(self.tail)
-        self.graphs = ()
-        self.pool = None
-
-    def build(self, check_output):
-        """Warm up (eagerly, on a side stream when capturing), then capture into the group's pool.
-        A failure of the first model call is the model's own error and propagates; any later
-        failure raises CaptureError (model_failed: whether the model's own code failed, see
-        _classify), so 'auto' can fall back to fused."""
-        plan, dev = self.plan, self.plan.device
-        forward, model_errors = plan.forward, []
-
-        def tracked(x, t, *cond):  # tells the model's own failures from the capture machinery's
-            try:
-                return forward(x, t, *cond)
-            except Exception as e:
-                model_errors.append(e)
-                raise
-
-        with _device_ctx(dev):
-            side = torch.cuda.Stream(dev) if self.capture else None
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream(dev))
-            with _stream_ctx(side):
-                plan.first_call(check_output)
-            plan.forward = tracked
-            try:
-                with _stream_ctx(side):
-                    plan.begin()
-                    plan.steps(min(2, plan.S))  # compiles the kernels; a compiled model's second call
-                with _capture_lock:
-                    if self.capture:
-                        torch.cuda.current_stream(dev).wait_stream(side)
-                        torch.cuda.synchronize(dev)
-                    pool = self.group.pool(dev)
-                    graphs = [self._capture(self._init, pool), self._capture(self._chunk, pool)]
-                    if self.tail:
-                        graphs.append(self._capture(self._tail, pool))
-            except Exception as e:  # noqa: BLE001 - any failure here means "run this model eagerly"
-                if self.capture:
-                    try:
-                        torch.cuda.synchronize(dev)
-                    except Exception:  # noqa: BLE001
-                        pass
-                cause, model_failed = _classify(e, model_errors)
-                first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-                raise CaptureError(f"{type(cause).__name__}: {first_line}", model_failed) from e
-            finally:
-                plan.forward = forward
-        self.pool = pool
-        self.graphs = tuple(graphs)
-        self._init = graphs[0].replay
-        self._chunk = graphs[1].replay
-        if self.tail:
-            self._tail = graphs[2].replay
-        return self
-
-    def _capture(self, fn, pool):
-        if not self.capture:
-            return _EmulatedGraph(fn)
-        g = torch.cuda.CUDAGraph()
-        # thread_local: another thread's sync or cudaMalloc neither fails nor invalidates this capture
-        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-            fn()
-        return g
-
-    def run(self, seed: int, first_sample: int, out: torch.Tensor, flag_out: torch.Tensor, bar=None):
-        """Sample one batch into out (B, C, H, W); copy the batch's first-bad-step flag into
-        flag_out (a 0-d int64 tensor). Host synchronisation only for progress, per chunk.
-        Replays of one model's loops never overlap (they share a pool and the static buffers):
-        they are queued under the group's lock, each after the previous one's last copy."""
-        plan, group = self.plan, self.group
-        with group.replay_lock, _device_ctx(plan.device):
-            if group.last_replay is not None:
-                torch.cuda.current_stream(plan.device).wait_event(group.last_replay)
-            plan.set_rng(seed, first_sample)
-            self._init()
-            pending = collections.deque()
-            runs = [(self._chunk, self.k)] * self.n_chunks + ([(self._tail, self.tail)] if self.tail else [])
-            for fn, k in runs:
-                fn()
-                if bar is not None:
-                    pending.append((_event(plan.device), k))
-                    while len(pending) > 1:  # report the chunk before the one just queued
-                        ev, done = pending.popleft()
-                        if ev is not None:
-                            ev.synchronize()
-                        bar.update(done)
-            out.copy_(plan.x)
-            flag_out.copy_(plan.flag)
-            group.last_replay = _event(plan.device)
-            for ev, done in pending:
-                if ev is not None:
-                    ev.synchronize()
-                bar.update(done)
-
-
-class _EmulatedGraph:
-    """EMULATE_ON_CPU's stand-in for a captured graph: the "capture" runs the body once with
-    capturing() true (where a real capture would fail, a test model fails), replay runs it."""
-
-    def __init__(self, fn):
-        _emulated.capturing = True
-        try:
-            fn()
-        finally:
-            _emulated.capturing = False
-        self.replay = fn
-
-
-_TRANSIENT = ("out of memory", "previous error during capture", "capture invalidated", "captureinvalidated")
-
-
-def _classify(e: BaseException, model_errors: list) -> tuple[BaseException, bool]:
-    """(the error to report, whether the model's own code failed). The model failed when an
-    error it raised is in e's chain (torch.cuda.graph's exit may raise its own error on top)
-    and is not transient: out of memory, or a capture invalidated from outside (the next CUDA
-    call in the model then fails with "operation failed due to a previous error during capture")."""
-    chain, x = [], e
-    while x is not None and len(chain) < 16:
-        chain.append(x)
-        x = x.__cause__ or x.__context__
-    own = next((x for x in chain if any(x is m for m in model_errors)), None)
-    if own is None:
-        return e, False
-    transient = isinstance(own, torch.cuda.OutOfMemoryError) or any(w in str(own).lower() for w in _TRANSIENT)
-    return own, not transient
-
-
-def _event(device):
-    if device.type != "cuda":
-        return None
-    ev = torch.cuda.Event()
-    ev.record()
-    return ev
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _device_ctx(device):
-    return torch.cuda.device(device) if device.type == "cuda" else _NullCtx()
-
-
-def _stream_ctx(stream):
-    return torch.cuda.stream(stream) if stream is not None else _NullCtx()
 
 
 # ---------------------------------------------------------------------------------- cache

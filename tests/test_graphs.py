@@ -1,4 +1,4 @@
-"""backend="graph": the captured sampling loop (fastddpm.graphs).
+"""backend="graph": the captured sampling loop (fastddpm.graph_loop) and its cache (fastddpm.graphs).
 
 CPU: the loop body the graphs capture (static buffers, step index and noise-stream
 arguments in device memory, in-kernel x_T and non-finite flag, chunk + tail cut) runs
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fastddpm
-from fastddpm import Schedule, graphs
+from fastddpm import Schedule, graph_loop, graphs
 from fastddpm.sampler import resolve_backend
 from fastddpm.testing import GaussianDataModel, SelfConditionedModel
 
@@ -329,10 +329,10 @@ def test_a_model_error_under_the_capture_exit_error_is_the_models():
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
     except RuntimeError as e:
         outer = e
-    assert graphs._classify(outer, [own]) == (own, True)
-    assert graphs._classify(outer, []) == (outer, False)  # not the model's code: transient
+    assert graph_loop._classify(outer, [own]) == (own, True)
+    assert graph_loop._classify(outer, []) == (outer, False)  # not the model's code: transient
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory")
-    assert graphs._classify(oom, [oom]) == (oom, False)
+    assert graph_loop._classify(oom, [oom]) == (oom, False)
 
 
 def test_a_models_loops_share_one_pool(emulate):
