@@ -192,9 +192,9 @@ def test_cache_reuse_invalidation_and_bound(emulate, monkeypatch):
 
 
 def test_cache_does_not_keep_the_model_alive(emulate, monkeypatch):
-    from fastddpm import sampler
+    from fastddpm import model_call
 
-    monkeypatch.setattr(sampler, "COMPILE_BACKEND", "eager")  # Dynamo's own caches are covered too
+    monkeypatch.setattr(model_call, "COMPILE_BACKEND", "eager")  # Dynamo's own caches are covered too
     m = ConvEps()
     fastddpm.sample(m, 2, shape=(2, 5, 7), steps=2, backend="graph")
     fastddpm.sample(m, 2, shape=(2, 5, 7), steps=2, backend="graph", compile=True)

@@ -388,12 +388,12 @@ def count_compiles(monkeypatch):
     compiles (frames Dynamo hands to the backend); graph backend emulated on the CPU."""
     from torch._dynamo.testing import CompileCounter
 
-    from fastddpm import graphs, sampler
+    from fastddpm import graphs, model_call
 
     if torch.cuda.is_available():
         pytest.skip("CPU emulation of the graph loop")
     counter = CompileCounter()
-    monkeypatch.setattr(sampler, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(model_call, "COMPILE_BACKEND", counter)
     monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
     monkeypatch.setattr(graphs, "CHUNK_STEPS", 2)
     torch._dynamo.reset()
