@@ -99,6 +99,22 @@ def test_layers_point_down():
     assert not reaches("fastddpm.schedule", "fastddpm.compat")
     assert not reaches("fastddpm.graphs", "fastddpm.sampler")
     assert reaches("fastddpm.compat", "fastddpm.schedule") and reaches("fastddpm.sampler", "fastddpm.graphs")
+    # the sampler over the model call; the loops' cache (graphs) over one captured loop (graph_loop)
+    assert not reaches("fastddpm.model_call", "fastddpm.sampler") and reaches("fastddpm.sampler", "fastddpm.model_call")
+    assert not reaches("fastddpm.graph_loop", "fastddpm.graphs") and reaches("fastddpm.graphs", "fastddpm.graph_loop")
+
+
+def test_each_setting_lives_in_one_module():
+    """Module-level settings that tests and users set (monkeypatch.setattr(module, NAME, ...)) are
+    read from one module only: a copy elsewhere would take the assignment and change nothing, and
+    pytest's setattr refuses a name the module does not have."""
+    from fastddpm import graph_loop, graphs, model_call, sampler
+
+    homes = {"COMPILE_BACKEND": model_call, "EMULATE_ON_CPU": graphs, "CHUNK_STEPS": graphs, "MAX_ENTRIES": graphs}
+    for name, home in homes.items():
+        assert hasattr(home, name), name
+        for other in (sampler, graphs, graph_loop, model_call):
+            assert other is home or not hasattr(other, name), f"{name} also in {other.__name__}"
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -107,7 +123,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 @pytest.mark.parametrize("module", ["fastddpm.schedule", "fastddpm.compat", "fastddpm.graphs", "fastddpm.sampler",
-                                    "fastddpm.diffusers_schedule", "fastddpm.layout"])
+                                    "fastddpm.diffusers_schedule", "fastddpm.layout", "fastddpm.model_call",
+                                    "fastddpm.graph_loop"])
 def test_module_imports_in_a_fresh_interpreter(module):
     code = f"import importlib; print(importlib.import_module({module!r}).__name__)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
