@@ -6,7 +6,9 @@
 
 Modules: `schedule` (noise schedules), `diffusion` (reference math), `ops` (fused Triton
 ops with the same signatures), `rng` (the counter-based noise stream), `unet`, `sampler`,
-`graphs` (the CUDA-graph captured loop behind backend="graph" and its cache).
+`model_call` (how the sampler calls the model: dtype, autocast, torch.compile), `graphs`
+(the per-model cache of CUDA-graph captured loops behind backend="graph"), `graph_loop`
+(one captured loop).
 """
 from . import compat, diffusion, graphs, ops, rng
 from .schedule import Schedule
