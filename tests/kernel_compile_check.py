@@ -219,7 +219,7 @@ def main():
     print("(the x_T kernel, which loads nothing per element, must store 128 bits at a time).")
     print(f"{'variant (shape layout launch)':<66} {'regs':>4} {'spill B':>7}  {'loads':<22} stores")
     failures = 0
-    for key, (bound, labels) in variants.items():
+    for bound, labels in variants.values():
         label = labels[0] + (f" (+{len(labels) - 1})" if len(labels) > 1 else "")
         try:
             k = bound.compile()

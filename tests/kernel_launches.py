@@ -48,7 +48,8 @@ class _Recorder:
 
 def kernel_modules():
     """Every module of fastddpm.kernels (a new kernel file is picked up without edits here)."""
-    return [importlib.import_module(f"fastddpm.kernels.{m.name}") for m in pkgutil.iter_modules(fastddpm.kernels.__path__)]
+    names = [m.name for m in pkgutil.iter_modules(fastddpm.kernels.__path__)]
+    return [importlib.import_module(f"fastddpm.kernels.{name}") for name in names]
 
 
 @contextlib.contextmanager
