@@ -132,18 +132,21 @@ def save_model(model, path: str, *, arch: str, schedule: str, prediction: str):
     atomic_save(dict(model.state_dict()), path, meta)
 
 
-def load(path: str | None = None, device="cpu"):
+def load(path: str | None = None, device="cpu", weights: str = "ema"):
     """The EMA model of a training run (folder) or a model/checkpoint file, in eval mode;
     with no path, the shipped digits model (a 16x16 grey-scale U-Net):
 
         model = fastddpm.load()                       # the shipped digits model
         x = fastddpm.sample(model, 16, steps=50, method="ddim")
+        raw = fastddpm.load("runs/d", weights="raw")  # a run's raw (not averaged) weights
 
-    The model carries `fastddpm_schedule` (its training schedule) and `fastddpm_prediction`,
-    which `fastddpm.sample` uses."""
-    from ._checks import check_device
+    weights: "ema" (default) or "raw", the optimizer's own weights, which only a training
+    checkpoint (RUN/checkpoint.safetensors) holds. The model carries `fastddpm_schedule` (its
+    training schedule) and `fastddpm_prediction`, which `fastddpm.sample` uses."""
+    from ._checks import check_device, one_of
 
     device = check_device(device)
+    one_of(weights, ("ema", "raw"), "weights")
     if path is None:
         path = shipped_model_path()
     if not isinstance(path, (str, os.PathLike)):
@@ -151,15 +154,23 @@ def load(path: str | None = None, device="cpu"):
                         f"got {type(path).__name__}")
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in (MODEL, CHECKPOINT):
+        names = (CHECKPOINT,) if weights == "raw" else (MODEL, CHECKPOINT)
+        for name in names:
             if os.path.isfile(os.path.join(path, name)):
                 path = os.path.join(path, name)
                 break
         else:
-            raise FileNotFoundError(f"{path!r} has neither {MODEL} nor {CHECKPOINT}")
+            raise FileNotFoundError(f"{path!r} has " + (f"no {CHECKPOINT} (weights='raw' reads a training run's "
+                                    "checkpoint, which holds the raw and the EMA weights)" if weights == "raw"
+                                    else f"neither {MODEL} nor {CHECKPOINT}"))
     tensors, meta = read(path, device)
-    if any(k.startswith("ema.") for k in tensors):  # a training checkpoint: take the EMA weights
-        tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if any(k.startswith("ema.") for k in tensors):  # a training checkpoint: the EMA or the raw weights
+        prefix = "ema." if weights == "ema" else "model."
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    elif weights == "raw":
+        raise ValueError(f"weights='raw' needs a training checkpoint ({CHECKPOINT} of a run folder, which holds the "
+                         f"raw and the EMA weights); {path!r} is a model file with one set of weights: "
+                         "load it with weights='ema' (the default)")
     model = build_model(meta["arch"], json.loads(meta["model_config"]))
     model.load_state_dict(tensors)
     model.to(device).eval().requires_grad_(False)

@@ -78,10 +78,10 @@ def _bar(total, desc, enabled=True):
     return tqdm(total=total, desc=desc, unit="step")
 
 
-def _load(checkpoint, device):
+def _load(checkpoint, device, weights="ema"):
     from .checkpoint import load, shipped_model_path
 
-    return load(checkpoint or shipped_model_path(), device)
+    return load(checkpoint or shipped_model_path(), device, weights=weights)
 
 
 def _sample(model, a, backend=None, progress=True):
@@ -101,9 +101,9 @@ def cmd_sample(a):
     rank, world, device = init_process_group()
     if a.device is not None:
         device = _device(a.device)
-    model = _load(a.checkpoint, device)
+    model = _load(a.checkpoint, device, a.weights)
     manifest = {"checkpoint": os.path.abspath(a.checkpoint) if a.checkpoint else "shipped digits model",
-                "seed": a.seed, "steps": a.steps, "method": a.method, "eta": a.eta, "variance": a.variance,
+                "weights": a.weights, "seed": a.seed, "steps": a.steps, "method": a.method, "eta": a.eta, "variance": a.variance,
                 "order": a.order}
     t0 = time.perf_counter()
     try:
@@ -246,6 +246,8 @@ def build_parser():
                        help="sample a checkpoint (default: the shipped digits model) to DIR")
     s.add_argument("--checkpoint", default=None, help="run folder or .safetensors file (default: shipped model)")
     s.add_argument("--out", required=True, help="output folder: samples.npz and grid.png")
+    s.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="a training run's EMA weights, or its raw weights (from RUN/checkpoint.safetensors)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--shard-size", type=int, default=256,
                    help="samples per shard file (default 256); a restarted run skips finished shards")
@@ -269,7 +271,8 @@ def build_parser():
     t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
     t.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
     t.add_argument("--ema-decay", type=float, default=0.999,
-                   help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
+                   help="EMA decay: the EMA copies the weights during --warmup, then decays with "
+                        "min(decay, (1 + j) / (10 + j)) at the j-th step after it")
     t.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="noise schedule (1000 steps)")
     t.add_argument("--prediction", choices=C.PREDICTIONS, default="eps", help="what the model predicts")
     t.add_argument("--seed", type=int, default=0, help="seed of every random draw (data order, t, noise, init)")

@@ -155,6 +155,10 @@ def test_config_errors(tmp_path):
         train(small_cfg(tmp_path / "e", data="digits"))
     with pytest.raises(ValueError, match="square images"):
         train(small_cfg(tmp_path / "e", model="tiny"))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError) as e:
+            train(small_cfg(tmp_path / "e", warmup=bad))
+        assert str(e.value) == f"warmup must be an int >= 0 (learning-rate warm-up steps; 0 = none); got {bad!r}"
 
 
 @pytest.fixture(scope="module")
@@ -230,27 +234,34 @@ def test_load_errors(tmp_path):
 
 
 def test_ema_warms_up():
-    """EMA decay of update k is min(decay, (1 + k) / (10 + k)): 0.1, 2/11, 3/12, ... then decay."""
+    """EMA decay: 0 (a copy of the weights) during the lr warm-up, then min(decay, (1 + j) / (10 + j))
+    at the j-th step after it: 0.1, 2/11, 3/12, ... then decay."""
     from fastddpm.train import ema_decay_at
 
     assert [ema_decay_at(k, 0.999) for k in range(3)] == [1 / 10, 2 / 11, 3 / 12]
+    assert [ema_decay_at(k, 0.999, start=2) for k in range(5)] == [0.0, 0.0, 1 / 10, 2 / 11, 3 / 12]
     assert ema_decay_at(10_000, 0.999) == 0.999 and ema_decay_at(5, 0.0) == 0.0
+    assert ema_decay_at(10_100, 0.999, start=100) == 0.999
 
 
-def test_ema_follows_the_warm_up_schedule(tmp_path):
-    """The EMA in the checkpoint after each of 3 steps is the warmed-up average of the weights."""
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_ema_follows_the_warm_up_schedule(tmp_path, warmup):
+    """The EMA in the checkpoint after each of 4 steps is the warmed-up average of the weights:
+    a copy during the lr warm-up, the usual warm-up counted from its end after it."""
     from fastddpm.mlp import MLPDenoiser
 
-    cfg = small_cfg(tmp_path / "ema", ema_decay=0.999, steps=3)
+    cfg = small_cfg(tmp_path / "ema", ema_decay=0.999, steps=4, warmup=warmup)
     torch.manual_seed(cfg.seed)
     ema = {k: v.clone() for k, v in MLPDenoiser(dim=2).state_dict().items()}  # train()'s initial weights
-    for step in range(3):
+    for step in range(4):
         train(cfg, steps=step + 1, resume=step > 0)
         tensors, _ = ck.read(str(tmp_path / "ema/checkpoint.safetensors"))
-        d = min(0.999, (1 + step) / (10 + step))
+        d = 0.0 if step < warmup else min(0.999, (1 + step - warmup) / (10 + step - warmup))
         for k in ema:
             ema[k] = torch.lerp(ema[k], tensors[f"model.{k}"], 1 - d)
             torch.testing.assert_close(tensors[f"ema.{k}"], ema[k], msg=f"step {step + 1}: {k}")
+        same = all(torch.equal(tensors[f"ema.{k}"], tensors[f"model.{k}"]) for k in ema)
+        assert same == (step < warmup), f"step {step + 1}: the EMA copies the weights only during the warm-up"
 
 
 def train_cmd(out, steps=1_000_000, *extra):

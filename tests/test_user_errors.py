@@ -279,3 +279,66 @@ def test_train_help_shows_defaults_and_presets():
                      "write a checkpoint every this many steps (default: 500)", "(default: 5.0)",
                      "ddpm-256, ddpm-cifar10, digits-16, tiny"):
         assert expected in text, expected
+
+
+# ------------------------------------------------------------------ 2. raw weights beside the EMA
+def test_load_raw_weights_of_a_run(tmp_path, capsys):
+    """weights='raw' (API) / --weights raw (CLI) read the optimizer's weights from the run's checkpoint;
+    the default stays the EMA; a model file (one set of weights) refuses 'raw' and says why."""
+    from fastddpm.train import train
+
+    run = str(tmp_path / "run")
+    train(data="moons", out=run, model="mlp", steps=3, batch_size=32, warmup=0, ema_decay=0.9, progress=False)
+    tensors, _ = ck.read(os.path.join(run, ck.CHECKPOINT))
+    raw, ema = fastddpm.load(run, weights="raw"), fastddpm.load(run)
+    for k, v in raw.state_dict().items():
+        torch.testing.assert_close(v, tensors[f"model.{k}"], rtol=0, atol=0)
+        torch.testing.assert_close(ema.state_dict()[k], tensors[f"ema.{k}"], rtol=0, atol=0)
+    assert any(not torch.equal(v, ema.state_dict()[k]) for k, v in raw.state_dict().items())
+    raw_file = fastddpm.load(os.path.join(run, ck.CHECKPOINT), weights="raw")
+    assert all(torch.equal(v, raw_file.state_dict()[k]) for k, v in raw.state_dict().items())
+
+    with pytest.raises(ValueError, match=exact("weights must be one of ('ema', 'raw'); got 'last'")):
+        fastddpm.load(run, weights="last")
+    model_file = os.path.join(run, ck.MODEL)
+    with pytest.raises(ValueError, match=exact(
+            f"weights='raw' needs a training checkpoint (checkpoint.safetensors of a run folder, which holds the raw "
+            f"and the EMA weights); {model_file!r} is a model file with one set of weights: load it with "
+            "weights='ema' (the default)")):
+        fastddpm.load(model_file, weights="raw")
+    only_model = tmp_path / "exported"
+    only_model.mkdir()
+    os.link(model_file, only_model / ck.MODEL)
+    with pytest.raises(FileNotFoundError, match=exact(
+            f"{str(only_model)!r} has no checkpoint.safetensors (weights='raw' reads a training run's checkpoint, "
+            "which holds the raw and the EMA weights)")):
+        fastddpm.load(str(only_model), weights="raw")
+    fastddpm.load(str(only_model))  # the EMA model file still loads
+
+    # the CLI: the shipped model is a model file; a run's raw samples differ from its EMA samples
+    assert main(["sample", "--weights", "raw", "--out", str(tmp_path / "o0"), "-n", "2", "--device", "cpu"]) == 2
+    shipped = ck.shipped_model_path()
+    assert capsys.readouterr().err == (
+        f"fastddpm sample: error: weights='raw' needs a training checkpoint (checkpoint.safetensors of a run folder, "
+        f"which holds the raw and the EMA weights); {shipped!r} is a model file with one set of weights: load it "
+        "with weights='ema' (the default)\n")
+    assert not os.path.exists(tmp_path / "o0" / "samples.npz")
+
+
+def test_cli_samples_raw_weights_of_a_digits_run(tmp_path):
+    """`fastddpm sample --weights raw` on an image run: the samples of the raw weights, not the EMA's."""
+    run = tmp_path / "run"
+    from fastddpm.train import train
+
+    train(data="digits", out=str(run), model="tiny", model_overrides={"ch": 16, "norm_groups": 8}, steps=2,
+          batch_size=8, warmup=0, ema_decay=0.5, progress=False)
+    out = {}
+    for w in ("ema", "raw"):
+        assert main(["sample", "--checkpoint", str(run), "--weights", w, "--out", str(tmp_path / w), "-n", "3",
+                     "--steps", "2", "--no-progress", "--device", "cpu"]) == 0
+        with np.load(tmp_path / w / "samples.npz") as f:
+            out[w] = f["arr_0"]
+    model = fastddpm.load(str(run), weights="raw")
+    x = fastddpm.sample(model, 3, steps=2, method="ddim", seed=0, backend="reference", progress=False)
+    np.testing.assert_array_equal(out["raw"], to_uint8_nhwc(x))
+    assert not np.array_equal(out["raw"], out["ema"])
