@@ -272,7 +272,7 @@ def build_parser():
     t.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
     t.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA decay: the EMA copies the weights during --warmup, then decays with "
-                        "min(decay, (1 + j) / (10 + j)) at the j-th step after it")
+                        "min(decay, (1 + j) / (20 + j)) at the j-th step after it")
     t.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="noise schedule (1000 steps)")
     t.add_argument("--prediction", choices=C.PREDICTIONS, default="eps", help="what the model predicts")
     t.add_argument("--seed", type=int, default=0, help="seed of every random draw (data order, t, noise, init)")

@@ -234,14 +234,14 @@ def test_load_errors(tmp_path):
 
 
 def test_ema_warms_up():
-    """EMA decay: 0 (a copy of the weights) during the lr warm-up, then min(decay, (1 + j) / (10 + j))
-    at the j-th step after it: 0.1, 2/11, 3/12, ... then decay."""
+    """EMA decay: 0 (a copy of the weights) during the lr warm-up, then min(decay, (1 + j) / (20 + j))
+    at the j-th step after it: 1/20, 2/21, 3/22, ... then decay."""
     from fastddpm.train import ema_decay_at
 
-    assert [ema_decay_at(k, 0.999) for k in range(3)] == [1 / 10, 2 / 11, 3 / 12]
-    assert [ema_decay_at(k, 0.999, start=2) for k in range(5)] == [0.0, 0.0, 1 / 10, 2 / 11, 3 / 12]
-    assert ema_decay_at(10_000, 0.999) == 0.999 and ema_decay_at(5, 0.0) == 0.0
-    assert ema_decay_at(10_100, 0.999, start=100) == 0.999
+    assert [ema_decay_at(k, 0.999) for k in range(3)] == [1 / 20, 2 / 21, 3 / 22]
+    assert [ema_decay_at(k, 0.999, start=2) for k in range(5)] == [0.0, 0.0, 1 / 20, 2 / 21, 3 / 22]
+    assert ema_decay_at(20_000, 0.999) == 0.999 and ema_decay_at(18_000, 0.999) < 0.999
+    assert ema_decay_at(5, 0.0) == 0.0 and ema_decay_at(20_100, 0.999, start=100) == 0.999
 
 
 @pytest.mark.parametrize("warmup", [0, 2])
@@ -256,7 +256,7 @@ def test_ema_follows_the_warm_up_schedule(tmp_path, warmup):
     for step in range(4):
         train(cfg, steps=step + 1, resume=step > 0)
         tensors, _ = ck.read(str(tmp_path / "ema/checkpoint.safetensors"))
-        d = 0.0 if step < warmup else min(0.999, (1 + step - warmup) / (10 + step - warmup))
+        d = 0.0 if step < warmup else min(0.999, (1 + step - warmup) / (20 + step - warmup))
         for k in ema:
             ema[k] = torch.lerp(ema[k], tensors[f"model.{k}"], 1 - d)
             torch.testing.assert_close(tensors[f"ema.{k}"], ema[k], msg=f"step {step + 1}: {k}")
