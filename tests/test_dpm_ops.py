@@ -9,6 +9,7 @@ import torch
 import fastddpm
 from fastddpm import Schedule, diffusion, graphs, ops
 from fastddpm.dpm_solver import dpm_indices
+from op_checks import close, dev, poisoned
 
 SHAPES = [(3, 3, 17, 29), (2, 1, 5, 3)]
 CONFIGS = [(1, "midpoint"), (2, "midpoint"), (2, "heun")]
@@ -24,21 +25,6 @@ def sched():
 def require_kernels():
     if ops.backend_for(torch.empty(1, device="cuda" if torch.cuda.is_available() else "cpu")) == "reference":
         pytest.skip("Triton kernels cannot run here (no CUDA and TRITON_INTERPRET unset)")
-
-
-def dev():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def poisoned(shape):
-    return torch.full(shape, float("nan"), device=dev())
-
-
-def close(a, b, tol):
-    a, b = a.double(), b.double()
-    scale = max(b.abs().max().item(), 1.0)
-    err = (a - b).abs().max().item()
-    assert err <= tol * scale, f"max abs err {err:.3g} > {tol} * {scale:.3g}"
 
 
 def mixed_t(s, B):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastddpm import Schedule, diffusion, ops, rng
+from op_checks import close, dev, poisoned
 
 SHAPES = [(3, 3, 17, 29), (7, 4, 8, 8), (2, 1, 5, 3)]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}  # same half input on both sides
@@ -27,26 +28,11 @@ def require_kernels():
         pytest.skip("Triton kernels cannot run here (no CUDA and TRITON_INTERPRET unset)")
 
 
-def dev():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def mixed_t(s, B):
     t = torch.randint(0, s.num_steps, (B,), device=dev())
     t[0] = 0
     t[-1] = s.num_steps - 1
     return t
-
-
-def poisoned(shape):
-    return torch.full(shape, float("nan"), device=dev())
-
-
-def close(a, b, tol):
-    a, b = a.double(), b.double()
-    scale = max(b.abs().max().item(), 1.0)
-    err = (a - b).abs().max().item()
-    assert err <= tol * scale, f"max abs err {err:.3g} > {tol} * {scale:.3g}"
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -200,6 +200,18 @@ def test_argument_errors():
         fastddpm.sample(lambda x, t: "x", 2, shape=(1, 2, 2), steps=2)
 
 
+def assert_fused_equals_reference(model, kw):
+    """The fused loop gives the reference loop's 5 samples, in seed mode (in-kernel vs torch
+    Philox noise) and in generator mode (the same torch draws)."""
+    for noise in ("seed", "generator"):
+        runs = {}
+        for backend in ("reference", "fused"):
+            src = dict(seed=4) if noise == "seed" else dict(generator=torch.Generator().manual_seed(4))
+            runs[backend] = fastddpm.sample(model, 5, backend=backend, **kw, **src)
+        rel = (runs["fused"] - runs["reference"]).norm() / runs["reference"].norm()
+        assert rel < 1e-5, (noise, rel)
+
+
 @pytest.mark.parametrize("method,eta,use_clipped", [("ddpm", 0.0, False), ("ddim", 0.0, False), ("ddim", 1.0, False),
                                                    ("ddim", 0.0, True), ("ddim", 1.0, True)])
 def test_fused_backend_equals_reference(method, eta, use_clipped):
@@ -207,14 +219,7 @@ def test_fused_backend_equals_reference(method, eta, use_clipped):
     seed mode (in-kernel vs torch Philox noise) and generator mode (the same torch draws)."""
     s, mu, sd, model = gaussian_model()
     kw = dict(schedule=s, steps=12, method=method, eta=eta, batch_size=3, use_clipped_model_output=use_clipped)
-    for noise in (dict(seed=4), dict(generator=None)):
-        runs = {}
-        for backend in ("reference", "fused"):
-            if "generator" in noise:
-                noise = dict(generator=torch.Generator().manual_seed(4))
-            runs[backend] = fastddpm.sample(model, 5, backend=backend, **kw, **noise)
-        rel = (runs["fused"] - runs["reference"]).norm() / runs["reference"].norm()
-        assert rel < 1e-5, rel
+    assert_fused_equals_reference(model, kw)
 
 
 def test_use_clipped_model_output_in_the_loop():
@@ -310,14 +315,7 @@ def test_self_condition_fused_equals_reference(method, eta):
     s, mu, sd, base = gaussian_model()
     model = SelfConditionedModel(base)
     kw = dict(schedule=s, steps=10, method=method, eta=eta, clip=0.6, self_condition=True, batch_size=3)
-    for noise in (dict(seed=4), dict(generator=4)):
-        runs = {}
-        for backend in ("reference", "fused"):
-            if "generator" in noise:
-                noise = dict(generator=torch.Generator().manual_seed(4))
-            runs[backend] = fastddpm.sample(model, 5, backend=backend, **kw, **noise)
-        rel = (runs["fused"] - runs["reference"]).norm() / runs["reference"].norm()
-        assert rel < 1e-5, rel
+    assert_fused_equals_reference(model, kw)
 
 
 def test_self_condition_errors_name_the_argument():

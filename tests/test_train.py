@@ -107,19 +107,25 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert steps == [10, 20, 30, 40]
 
 
-def test_kill_and_resume(tmp_path):
-    """A run killed mid-way resumes from its last checkpoint and reaches the same step count."""
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "fastddpm", "train", "--data", "moons", "--out", str(out), "--steps", "400",
-           "--batch-size", "256", "--ckpt-every", "20", "--log-every", "20", "--no-progress"]
+def kill_at_first_checkpoint(cmd, out, timeout):
+    """Start a training command, kill -9 it once its first checkpoint exists; the checkpoint's path."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckfile = out / "checkpoint.safetensors"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while not ckfile.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return ckfile
+
+
+def test_kill_and_resume(tmp_path):
+    """A run killed mid-way resumes from its last checkpoint and reaches the same step count."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fastddpm", "train", "--data", "moons", "--out", str(out), "--steps", "400",
+           "--batch-size", "256", "--ckpt-every", "20", "--log-every", "20", "--no-progress"]
+    ckfile = kill_at_first_checkpoint(cmd, out, timeout=120)
     killed_at = int(ck.read(str(ckfile))[1]["step"])  # the file is whole: atomic writes
     assert 20 <= killed_at < 400
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
@@ -299,15 +305,7 @@ def test_signal_writes_a_resumable_checkpoint(tmp_path, sig):
 def test_checkpoints_are_bounded_by_time(tmp_path):
     """With --ckpt-every far away, --ckpt-minutes still writes checkpoints: a kill -9 loses little."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(out, 1_000_000, "--ckpt-minutes", "0.005"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    ckfile = out / "checkpoint.safetensors"
-    deadline = time.time() + 180
-    while not ckfile.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    ckfile = kill_at_first_checkpoint(train_cmd(out, 1_000_000, "--ckpt-minutes", "0.005"), out, timeout=180)
     assert 1 <= int(ck.read(str(ckfile))[1]["step"]) < 1_000_000
     with pytest.raises(ValueError, match=r"^ckpt_minutes must be a positive number of minutes or None; got 0$"):
         train(small_cfg(tmp_path / "e", ckpt_minutes=0))
