@@ -103,8 +103,8 @@ def cmd_sample(a):
         device = _device(a.device)
     model = _load(a.checkpoint, device, a.weights)
     manifest = {"checkpoint": os.path.abspath(a.checkpoint) if a.checkpoint else "shipped digits model",
-                "weights": a.weights, "seed": a.seed, "steps": a.steps, "method": a.method, "eta": a.eta, "variance": a.variance,
-                "order": a.order}
+                "weights": a.weights, "seed": a.seed, "steps": a.steps, "method": a.method, "eta": a.eta,
+                "variance": a.variance, "order": a.order}
     t0 = time.perf_counter()
     try:
         out = sample_to_folder(model, a.n, a.out, shard_size=a.shard_size, rank=rank, world=world, manifest=manifest,

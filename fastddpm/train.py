@@ -17,10 +17,11 @@ starts from step 0 (a job script can always pass --resume).
 The EMA copies the weights while the learning rate warms up (as ema-pytorch's
 update_after_step does), then averages with a warm-up counted from there: decay
 min(decay, (1 + j) / (20 + j)) at update j after the lr warm-up (an average that lags the
-weights by about j / 20 steps) until `decay` takes over. A short run's EMA is then neither stuck near the
-random initialisation nor behind the raw weights: on 200-step digits runs at the defaults it
-scores better than the raw weights (README), where the usual (1 + k) / (10 + k) counted from
-step 0 averaged over the fast early moves and lagged behind them (FD 145 against 134).
+weights by about j / 20 steps) until `decay` takes over. A short run's EMA is then neither
+stuck near the random initialisation nor behind the raw weights: on 200-step digits runs at
+the defaults it scores better than the raw weights (README), where the usual
+(1 + k) / (10 + k) counted from step 0 averaged over the fast early moves and lagged behind
+them (FD 145 against 134).
 
 Under torchrun (K processes) the model is wrapped in DistributedDataParallel: every rank
 draws the same global batch of indices and t and keeps its contiguous slice, and its noise
