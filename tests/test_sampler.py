@@ -419,7 +419,8 @@ def test_compile_true_compiles_once_per_model_and_configuration(count_compiles, 
                 for backend in ("graph", "fused"):
                     for n in (5, 8):  # short last batches of 2 (n=5: samples 3, 4; n=8: 6, 7)
                         got = fastddpm.sample(m, n, backend=backend, compile=True, **kw)
-                        torch.testing.assert_close(got[:5], plain, rtol=1e-6, atol=1e-6)
+                        # Dynamo's traced graph may round differently in float32 (seen: 1.4e-6 abs)
+                        torch.testing.assert_close(got[:5], plain, rtol=1e-5, atol=1e-5)
     assert count_compiles.frame_count == 2 * len(models)
     assert modes == [None] * len(models)  # one compiled callable per model, default mode
 
