@@ -10,6 +10,7 @@ import time
 import torch
 
 from . import _checks as C
+from . import methods, sigmas
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
@@ -49,12 +50,27 @@ def _add_sampling_args(p, steps_default, method_default="ddim"):
     p.add_argument("--steps", type=_steps_arg, default=steps_default,
                    help=f"respace the training schedule to this many steps, or 'all' for every training step "
                         f"(default {steps_default})")
-    p.add_argument("--method", choices=C.METHODS, default=method_default,
-                   help=f"sampler (default {method_default}; dpmsolver++ samples well in 10-25 steps)")
-    p.add_argument("--order", type=int, choices=(1, 2), default=None,
-                   help="DPM-Solver++ order (dpmsolver++ / sde-dpmsolver++ only; default 2)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic); --method ddim only")
+    p.add_argument("--method", choices=methods.NAMES, default=method_default,
+                   help=f"sampler (default {method_default}; dpmsolver++ and dpmpp_2m sample well in 10-25 steps): "
+                        f"{', '.join(methods.NAMES)}")
+    p.add_argument("--order", type=int, choices=(1, 2, 3, 4), default=None,
+                   help="DPM-Solver++ order (dpmsolver++ / sde-dpmsolver++: 1 or 2, default 2); lms order (default 4)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta (default 0 = deterministic); the ancestral / SDE sigma methods' noise (default 1)")
     p.add_argument("--variance", choices=C.VARIANCES, default="fixed_small", help="DDPM variance")
+    p.add_argument("--solver-type", choices=("midpoint", "heun"), default="midpoint",
+                   help="dpmsolver++ / sde-dpmsolver++ / dpmpp_2m_sde second-order update")
+    p.add_argument("--sigmas", choices=sigmas.SIGMA_KINDS, default=None,
+                   help="noise levels of the sigma methods (euler ... dpmpp_3m_sde; default karras)")
+    p.add_argument("--sigma-min", type=float, default=None, help="sigma methods: lowest noise level (default: the "
+                                                                 "training schedule's)")
+    p.add_argument("--sigma-max", type=float, default=None, help="sigma methods: highest noise level (default: the "
+                                                                 "training schedule's)")
+    p.add_argument("--rho", type=float, default=None, help="karras (default 7) / polyexponential (default 1) rho")
+    p.add_argument("--s-churn", type=float, default=0.0, help="euler / heun / dpm_2: Karras et al.'s churn")
+    p.add_argument("--s-noise", type=float, default=1.0, help="noise scale of the churn / ancestral / SDE noise")
+    p.add_argument("--quantize", action="store_true",
+                   help="sigma methods: call the model at the nearest training timestep (models taking integers)")
     p.add_argument("--batch-size", type=int, default=None, help="images per model call (default min(n, 256))")
     p.add_argument("--backend", choices=C.BACKENDS, default="auto",
                    help="sampling loop (default auto: CUDA-graph captured on a GPU, reference on a CPU)")
@@ -84,12 +100,19 @@ def _load(checkpoint, device, weights="ema"):
     return load(checkpoint or shipped_model_path(), device, weights=weights)
 
 
+def _method_kwargs(a) -> dict:
+    """The sampling method and its options from the command line (fastddpm.methods refuses an
+    option the method does not take)."""
+    return dict(steps=a.steps, method=a.method, eta=a.eta, variance=a.variance, order=a.order,
+                solver_type=a.solver_type, sigmas=a.sigmas, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
+                s_churn=a.s_churn, s_noise=a.s_noise, quantize=a.quantize)
+
+
 def _sample(model, a, backend=None, progress=True):
     from .sampler import sample
 
-    return sample(model, a.n, steps=a.steps, method=a.method, eta=a.eta, variance=a.variance, order=a.order,
-                  seed=a.seed, batch_size=a.batch_size, backend=backend or a.backend, compile=a.compile,
-                  prediction=getattr(model, "fastddpm_prediction", "eps"), progress=progress)
+    return sample(model, a.n, **_method_kwargs(a), seed=a.seed, batch_size=a.batch_size, backend=backend or a.backend,
+                  compile=a.compile, prediction=getattr(model, "fastddpm_prediction", "eps"), progress=progress)
 
 
 def cmd_sample(a):
@@ -103,15 +126,13 @@ def cmd_sample(a):
         device = _device(a.device)
     model = _load(a.checkpoint, device, a.weights)
     manifest = {"checkpoint": os.path.abspath(a.checkpoint) if a.checkpoint else "shipped digits model",
-                "weights": a.weights, "seed": a.seed, "steps": a.steps, "method": a.method, "eta": a.eta,
-                "variance": a.variance, "order": a.order}
+                "weights": a.weights, "seed": a.seed, **_method_kwargs(a)}
     t0 = time.perf_counter()
     try:
         out = sample_to_folder(model, a.n, a.out, shard_size=a.shard_size, rank=rank, world=world, manifest=manifest,
-                               progress=not a.no_progress, steps=a.steps, method=a.method, eta=a.eta,
-                               variance=a.variance, order=a.order, seed=a.seed, batch_size=a.batch_size,
-                               backend=a.backend,
-                               compile=a.compile, prediction=getattr(model, "fastddpm_prediction", "eps"))
+                               progress=not a.no_progress, **_method_kwargs(a), seed=a.seed,
+                               batch_size=a.batch_size, backend=a.backend, compile=a.compile,
+                               prediction=getattr(model, "fastddpm_prediction", "eps"))
     finally:
         _leave_process_group()
     if rank == 0:
@@ -130,15 +151,15 @@ def cmd_demo(a):
     import math
 
     from .images import grid, save_png, to_uint8_nhwc
-    from .sampler import resolve_backend
+    from .sampler import model_evaluations, resolve_backend
 
     device = _device(a.device)
     model = _load(None, device)
     n_params = sum(p.numel() for p in model.parameters())
     fast = resolve_backend("auto", device)
-    steps = a.steps or model.fastddpm_schedule.num_steps
+    steps = model_evaluations(model, **_method_kwargs(a))
     print(f"fastddpm demo: the shipped digits model ({n_params / 1e6:.1f}M parameters), {a.n} samples, "
-          f"{a.method} with {steps} steps, seed {a.seed}, on {device}")
+          f"{a.method} with {steps} model evaluations, seed {a.seed}, on {device}")
     backends = list(dict.fromkeys([fast, "reference"]))
     calls = 2 * len(backends) - 1  # a warm-up call and a timed call per fast backend, a timed reference call
     bar = _bar(calls * math.ceil(a.n / (a.batch_size or min(a.n, 256))) * steps, "demo", not a.no_progress)
@@ -157,7 +178,8 @@ def cmd_demo(a):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             runs[backend] = (x, dt)
-            say(f"  backend {backend:<9}: {dt:6.2f} s  {1e3 * dt / steps:7.1f} ms/step  {a.n / dt:7.1f} images/s")
+            say(f"  backend {backend:<9}: {dt:6.2f} s  {1e3 * dt / steps:7.1f} ms/evaluation  "
+                f"{a.n / dt:7.1f} images/s")
     finally:
         if bar is not None:
             bar.close()

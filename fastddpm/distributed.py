@@ -107,9 +107,9 @@ def _steps_bar(model, kw, shard_lengths, rank, world):
 
     from tqdm.auto import tqdm
 
-    from .sampler import _resolve_schedule
+    from .sampler import model_evaluations
 
-    S = _resolve_schedule(model, kw.get("schedule"), kw.get("steps")).num_steps
+    S = model_evaluations(model, **kw)  # model calls per batch
     bs = kw.get("batch_size")
 
     def steps_of(length):

@@ -152,6 +152,56 @@ class LoopPlan:
             self.x0 = follow_layout(self.x0, mo)
 
 
+class SigmaLoopPlan:
+    """LoopPlan's counterpart for a sigma method (fastddpm.karras): static buffers x (the model
+    input), the stage index k (B,) int64 counting up, the history buffers, rng and flag; begin()
+    draws the first model input in a kernel; step() = the model at the stage's timestep, then one
+    fused stage update (x and the history in place), k += 1. S = the number of model evaluations."""
+
+    def __init__(self, forward, s, shape, device, opts, layout=torch.contiguous_format):
+        from .kernels.sigma_step import sigma_init_forward, sigma_step_forward
+
+        self._step_forward, self._init_forward = sigma_step_forward, sigma_init_forward
+        self.forward = forward
+        self.plan = opts["plan"]
+        self.S = self.plan.nfe
+        self.device = device
+        B = shape[0]
+        self.x = torch.empty(shape, dtype=torch.float32, device=device, memory_format=layout)
+        self.k = torch.empty(B, dtype=torch.long, device=device)
+        self.rng = torch.zeros(3, dtype=torch.long, device=device)
+        self.flag = torch.full((), -1, dtype=torch.long, device=device)
+        self.hist = tuple(torch.zeros_like(self.x) for _ in range(self.plan.num_history))
+        # the captured launches read these by address: hold them for the life of the plan
+        self._tables = (self.plan.table(device), self.plan.tags_on(device), self.plan.timesteps_on(device))
+
+    set_rng = LoopPlan.set_rng
+
+    def begin(self):
+        self._init_forward(self.plan, self.x, rng=self.rng)
+        for h in self.hist:
+            h.zero_()
+        self.k.fill_(0)
+        self.flag.fill_(-1)
+
+    def step(self):
+        t = torch.index_select(self._tables[2], 0, self.k)
+        mo = self.forward(self.x, t)
+        self._step_forward(self.plan, self.x, self.k, mo, self.hist, None, seed=None, sample_offset=0, out=self.x,
+                           rng=self.rng, flag=self.flag)
+        self.k.add_(1)
+
+    steps = LoopPlan.steps
+
+    def first_call(self, check_output):
+        """The first model call, eager: validates the output and adopts its memory layout."""
+        self.begin()
+        mo = self.forward(self.x, torch.index_select(self._tables[2], 0, self.k))
+        check_output(mo, self.x)
+        self.x = follow_layout(self.x, mo)
+        self.hist = tuple(follow_layout(h, mo) for h in self.hist)
+
+
 # ----------------------------------------------------------------------------------- loop
 class GraphLoop:
     """A LoopPlan cut into captured graphs (init, chunk of K steps, tail), replayed per batch,

@@ -46,7 +46,7 @@ import weakref
 import torch
 from torch import nn
 
-from .graph_loop import CaptureError, GraphLoop, LoopPlan
+from .graph_loop import CaptureError, GraphLoop, LoopPlan, SigmaLoopPlan
 from .graph_loop import capturing  # noqa: F401 - public here too: models and tests ask fastddpm.graphs
 
 __all__ = ["supported", "clear_cache", "CaptureError", "CHUNK_STEPS"]
@@ -97,6 +97,11 @@ def _schedule_key(s) -> str:
     h.update(s.timesteps.numpy().tobytes())
     h.update(str(s.num_train_timesteps).encode())
     return h.hexdigest()
+
+
+def _options_key(opts) -> tuple:
+    """The loop options as a key; a sigma method's SigmaPlan by the digest of its tables."""
+    return tuple(sorted((k, v.key() if k == "plan" else v) for k, v in opts.items()))
 
 
 def _weights_key(model) -> tuple:
@@ -155,15 +160,15 @@ def loop_for(model, forward, s, shape, device, opts, extra_key, check_output,
     that misses while another builds waits for it). Raises CaptureError (also for a
     configuration whose model code failed to capture before)."""
     weights = _weights_key(model)
-    key = (weights, tuple(shape), str(device), _schedule_key(s), tuple(sorted(opts.items())), CHUNK_STEPS,
-           extra_key)
+    key = (weights, tuple(shape), str(device), _schedule_key(s), _options_key(opts), CHUNK_STEPS, extra_key)
     group = _group(model, create=True)
     hit = _lookup(group, key)
     if hit is None:
         with group.build_lock:
             hit = _lookup(group, key)
             if hit is None:
-                hit = _build(group, key, weights, LoopPlan(forward, s, shape, device, opts, layout), check_output)
+                plan_type = SigmaLoopPlan if "plan" in opts else LoopPlan
+                hit = _build(group, key, weights, plan_type(forward, s, shape, device, opts, layout), check_output)
     if isinstance(hit, CaptureError):
         raise hit
     return hit

@@ -1,5 +1,5 @@
 """Fused ops: drop-in replacements for `fastddpm.diffusion`'s q_sample / ddpm_step / ddim_step /
-dpm_solver_step.
+dpm_solver_step and `fastddpm.karras.sigma_step` (the k-diffusion samplers' stage update).
 
 Same signatures, same results (within float32 rounding), one kernel launch each:
 
@@ -26,7 +26,7 @@ import torch
 from . import _checks as C
 from . import diffusion, dpm_solver
 
-__all__ = ["q_sample", "ddpm_step", "ddim_step", "dpm_solver_step", "kernels_available", "backend_for"]
+__all__ = ["q_sample", "ddpm_step", "ddim_step", "dpm_solver_step", "sigma_step", "kernels_available", "backend_for"]
 
 _kernels = None
 _notified = False
@@ -180,3 +180,45 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
 
     return dpm_mod.dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, seed=seed, sample_offset=sample_offset,
                                     out=out, x0_out=x0_out, **kw)
+
+
+def sigma_step(plan, x: torch.Tensor, k, model_output: torch.Tensor, history=(), noise: torch.Tensor | None = None, *,
+               seed: int | None = None, sample_offset: int = 0, out: torch.Tensor | None = None,
+               history_out=None):
+    """Fused `fastddpm.karras.sigma_step`: one launch reads x, the model output and the history the
+    stage needs, and writes the next state and the new history; returns (x_next, history).
+
+    out: a float32 buffer like x to write (may be x itself). history_out: float32 tensors like x
+    to write the new history into (may be `history` itself: the loop's in-place update); without
+    it the new history is returned in new tensors, as the reference does."""
+    from . import karras
+
+    k, history = karras.check_sigma_step_args(plan, x, k, model_output, history, noise, seed, sample_offset)
+    _check_out(out, x)
+    if history_out is not None:
+        history_out = tuple(history_out)
+        if len(history_out) != len(history):
+            raise ValueError(f"history_out must hold {len(history)} tensors like x; got {len(history_out)}")
+        for j, h in enumerate(history_out):
+            C.check_like(h, x, f"history_out[{j}]")
+            if h.dtype != torch.float32:
+                raise TypeError(f"history_out[{j}] must be float32; got {h.dtype}")
+    if not _use_kernels(x):
+        x_next, hist = karras.sigma_step(plan, x, k, model_output, history, noise, seed=seed,
+                                         sample_offset=sample_offset)
+        if out is not None:
+            x_next = out.copy_(x_next)
+        if history_out is not None:
+            hist = tuple(o.copy_(h) for o, h in zip(history_out, hist))
+        return x_next, hist
+    from fastddpm.kernels import sigma_step as sigma_mod
+
+    if history_out is None:
+        work = tuple(h.float().clone() for h in history)
+    else:
+        work = history_out
+        for o, h in zip(work, history):
+            if o is not h:
+                o.copy_(h)
+    return sigma_mod.sigma_step_forward(plan, x, k, model_output, work, noise, seed=seed,
+                                        sample_offset=sample_offset, out=out)

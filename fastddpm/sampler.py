@@ -24,22 +24,31 @@ fastddpm.model_call.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import _checks as C
-from . import diffusion, dpm_solver, rng
+from . import diffusion, dpm_solver, karras, methods, rng
+from . import sigmas as sigmas_mod
 from .layout import follow_layout
 from .model_call import _resolve_device_dtype, _resolve_shape, call_model, input_layout, make_forward
 from .schedule import Schedule
 
-__all__ = ["sample", "call_model", "resolve_backend", "make_forward"]
+__all__ = ["sample", "model_evaluations", "call_model", "resolve_backend", "make_forward"]
 
 
 def _resolve_schedule(model, schedule, steps, method="ddpm"):
     if schedule is None:
         schedule = getattr(model, "fastddpm_schedule", None) or Schedule.linear(1000)
     C.check_schedule(schedule)
+    if methods.get(method).family == "sigma":  # the noise levels come from sigmas=; the model's timesteps from s
+        if not torch.equal(schedule.timesteps, torch.arange(schedule.num_train_timesteps)):
+            raise ValueError(f"method={method!r} runs on continuous noise levels and needs the model's TRAINING "
+                             f"schedule (all {schedule.num_train_timesteps} timesteps), not a respaced one "
+                             f"({schedule.num_steps} steps); pass the training schedule and steps= or sigmas=")
+        return schedule
     if steps is not None:
         if method in C.DPM_METHODS:  # DPMSolverMultistepScheduler's default "linspace" respacing
             schedule = schedule.select(dpm_solver.dpm_indices(schedule.num_steps, steps, "linspace"))
@@ -102,89 +111,148 @@ def resolve_backend(backend, device, generator=None):
 
 
 def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps: int | None = None,
-           method: str = "ddpm", eta: float = 0.0, prediction: str = "eps", variance: str = "fixed_small",
+           method: str = "ddpm", eta: float | None = None, prediction: str = "eps", variance: str = "fixed_small",
            clip: float | None | str = "auto", seed: int | None = None, generator: torch.Generator | None = None,
            batch_size: int | None = None, device=None, dtype=None, backend: str = "auto",
-           progress: bool = False, sample_offset: int = 0, compile: bool = False,
-           use_clipped_model_output: bool | None = None, self_condition: bool = False, order: int | None = None,
-           solver_type: str = "midpoint") -> torch.Tensor:
+           progress: bool = False, sample_offset: int = 0, compile: bool = False, order: int | None = None,
+           solver_type: str = "midpoint", use_clipped_model_output: bool | None = None, self_condition: bool = False,
+           sigmas=None, sigma_min: float | None = None, sigma_max: float | None = None, rho: float | None = None,
+           quantize: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+           s_noise: float = 1.0, r: float = 0.5) -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
 
-    model: callable model(x (B, C, H, W), t LongTensor (B,) of ORIGINAL training timesteps)
-        returning a tensor (or an object with .sample, e.g. a diffusers UNet2DModel).
-    shape: (C, H, W); inferred from model.config (in_channels, image_size / sample_size) if omitted.
-    schedule: the training schedule (default: model.fastddpm_schedule or linear(1000));
-        steps=k respaces it to k steps ("leading").
-    method: "ddpm" (ancestral; `variance` applies), "ddim" (`eta` applies), "dpmsolver++" or
-        "sde-dpmsolver++" (Lu et al. 2022, multistep, see fastddpm.dpm_solver; `order` 1 or 2,
-        default 2, and `solver_type` "midpoint" or "heun" apply; steps=k respaces as diffusers'
-        DPMSolverMultistepScheduler does by default, "linspace").
-    clip: clamp predicted x0 to [-clip, clip], None for no clipping; "auto" (default): 1.0 for
-        ddpm / ddim, None for the DPM-Solver methods (diffusers' defaults).
-    steps: respace the schedule to this many steps (a positive int); None (default) runs all of
-        the schedule's steps. (The CLI's `--steps all` is the same.)
-    eta: DDIM only (0 = deterministic); a nonzero eta with another method is an error.
+    model: callable model(x (B, C, H, W), t (B,)) returning a tensor (or an object with .sample,
+        e.g. a diffusers UNet2DModel); t holds ORIGINAL training timesteps: a LongTensor for the
+        timestep methods, a float tensor interpolated from log sigma for the sigma methods
+        (integers with quantize=True).
+    method: a name of the table fastddpm.methods.METHODS, which also lists the options each one
+        takes and their defaults; an option a method does not take is an error.
+        On the training timesteps: "ddpm" (ancestral; `variance`), "ddim" (`eta` in [0, 1],
+        `use_clipped_model_output`), "dpmsolver++" / "sde-dpmsolver++" (Lu et al. 2022,
+        fastddpm.dpm_solver; `order` 1 or 2, `solver_type`; steps=k respaces as diffusers'
+        DPMSolverMultistepScheduler does, "linspace"); `self_condition` for all four.
+        On continuous noise levels (k-diffusion's samplers, fastddpm.karras): "euler", "heun",
+        "dpm_2" (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`), "euler_ancestral", "dpm_2_ancestral",
+        "dpmpp_2s_ancestral", "dpmpp_sde" (`r`), "dpmpp_2m_sde" (`solver_type`), "dpmpp_3m_sde"
+        (`eta`, default 1, and `s_noise`), "lms" (`order`, default 4), "dpmpp_2m"; all take
+        `sigmas` ("karras" (default), "exponential", "polyexponential", "vp", "discrete", or a 1-D
+        tensor of decreasing noise levels, a final 0 appended if it has none), `sigma_min` /
+        `sigma_max` (default: the training schedule's), `rho` (karras 7, polyexponential 1) and
+        `quantize` (round the model's timestep to the nearest training one).
+    shape: (C, H, W); inferred from model.config (in_channels, image_size / sample_size) if omitted;
+        another shape than the configured one is sampled with a warning.
+    schedule: the training schedule (default: model.fastddpm_schedule or linear(1000)).
+    steps: the number of sampling steps (a positive int): the timestep methods respace the
+        schedule to it ("leading"; "linspace" for DPM-Solver++), the sigma methods take that many
+        noise levels; None (default) runs all of the schedule's steps (`--steps all` in the CLI).
+    clip: clamp predicted x0 (the sigma methods: the denoised D) to [-clip, clip], None for no
+        clipping; "auto" (default): 1.0 for ddpm / ddim, None for the others (diffusers' and
+        k-diffusion's defaults).
     seed / generator: noise source (see module docstring): seed=<int> for the counter-based
         stream, or generator=<torch.Generator> for torch draws; not both. Neither: seed 0's stream.
-    shape: a shape other than the model's configured one (model.config) is sampled, with a
-        warning: the model was trained at its configured size.
-    use_clipped_model_output: DDIM only: the direction term uses eps re-derived from the
-        clipped x0 (improved-diffusion's and denoising-diffusion-pytorch's DDIM; diffusers'
-        option of that name) instead of the raw model eps. DDPM's step reads only the clipped
-        x0, so with method="ddpm" it would change nothing: True there is an error. None
-        (default): fastddpm's choice, True for DDIM with clipping (with the raw eps, many small
-        steps drift off the data: README, "DDIM and clipping"), except on a schedule from a
-        peer's configuration (Schedule.from_diffusers, compat.sample_kwargs), which keeps the
-        peer's semantics (diffusers' pipelines: the raw eps).
-    self_condition: call model(x, t, x_self_cond) with the previous step's predicted x0
-        (clipped when clip is set; zeros at the first step), as denoising-diffusion-pytorch
-        does for a Unet(self_condition=True). A model whose `self_condition` attribute says
-        otherwise, or whose signature does not fit, is refused.
+    use_clipped_model_output: DDIM's direction term uses eps re-derived from the clipped x0
+        (improved-diffusion, denoising-diffusion-pytorch, diffusers' option of that name); None
+        (default): True with clipping (README, "DDIM and clipping"), except on a schedule from a
+        peer's configuration, which keeps the peer's semantics (diffusers' pipelines: False).
+    self_condition: call model(x, t, x_self_cond) with the previous step's predicted x0 (clipped
+        when clip is set; zeros at the first step), as denoising-diffusion-pytorch does.
     batch_size: images per model call (default min(n, 256)).
     dtype: precision of the model call (autocast when the model's weights are float32, which
-        re-casts the weights every step: a model cast to bf16 itself is faster);
-        the sampler state and step math stay float32. An nn.Module runs in eval mode (no
-        dropout) during the call and gets its train/eval mode back afterwards.
-    backend: "reference" (plain PyTorch loop), "fused" (Triton step kernels, eager loop),
-        "graph" (the fused loop replayed from captured CUDA graphs; seed= noise only; see
-        fastddpm.graphs), "auto" (graph on CUDA, falling back to fused with one warning if the
-        model cannot be captured; fused with generator=; reference on the CPU).
-    compile: run the model through torch.compile (default mode: its fused kernels, no CUDA
-        graphs of its own) inside our loop, graphed or not. Compiled once per model.
-    device: where to sample (default: the model's parameters' device, else the CPU); a CUDA
-        device on a machine without CUDA is a ValueError.
-    progress: True shows a tqdm bar over every step of the call; or pass your own bar (an
-        object with .update(k), e.g. tqdm) to count the steps of several calls on one bar.
-    sample_offset: seed mode only: return samples sample_offset .. sample_offset + n - 1 of
-        the seed's stream (sample i is the same image in any call), e.g. a shard of a
-        distributed run (see fastddpm.distributed).
+        re-casts the weights every step: a model cast to bf16 itself is faster); the sampler
+        state and step math stay float32. An nn.Module runs in eval mode during the call.
+    backend: "reference" (plain PyTorch loop), "fused" (Triton step kernels, eager loop), "graph"
+        (the fused loop replayed from captured CUDA graphs; seed= noise only; fastddpm.graphs),
+        "auto" (graph on CUDA, falling back to fused with one warning if the model cannot be
+        captured; fused with generator=; reference on the CPU).
+    compile: run the model through torch.compile (default mode) inside our loop, graphed or not.
+    device: where to sample (default: the model's parameters' device, else the CPU).
+    progress: True shows a tqdm bar over every model evaluation of the call; or pass your own bar
+        (an object with .update(k)) to count the steps of several calls on one bar.
+    sample_offset: seed mode only: return samples sample_offset .. sample_offset + n - 1 of the
+        seed's stream (sample i is the same image in any call; see fastddpm.distributed).
     """
+    m = methods.get(method)
+    mopts = methods.resolve(method, eta=eta, variance=variance, order=order, solver_type=solver_type,
+                            use_clipped_model_output=use_clipped_model_output, self_condition=self_condition,
+                            sigmas=sigmas, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, quantize=quantize,
+                            s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, r=r)
+    seed, batch_size = _check_call(model, n, prediction, steps, seed, generator, sample_offset, progress, batch_size,
+                                   compile)
+    clip = C.check_clip(m.clip if isinstance(clip, str) and clip == "auto" else clip)
+    C.check_self_condition(model, mopts.get("self_condition", False))
+    shape = _resolve_shape(model, shape)
+    s = _resolve_schedule(model, schedule, steps, m.name)
+    opts = _loop_options(model, m, mopts, s, steps, prediction, clip)
+    device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
+    requested = backend
+    backend = resolve_backend(backend, device, generator)
+
+    out = torch.empty((n, *shape), dtype=torch.float32, device=device)
+    starts = range(0, n, batch_size)
+    plan = opts.get("plan")
+    evals = plan.nfe if plan is not None else s.num_steps
+    bar = progress if not isinstance(progress, bool) else None  # a caller's bar: one bar over many calls
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(starts) * evals, desc=f"sampling ({backend})", unit="step")
+    flags = None  # graph batches: first bad step of each batch, read once at the end
+    full = min(batch_size, n)  # every batch but a short last one
+    layout = input_layout(model, shape)
+    forward = make_forward(model, model_dtype, autocast, compile, full)  # the eager loops' model call
+    was_training = isinstance(model, nn.Module) and model.training
+    if was_training:
+        model.eval()  # no dropout while sampling; the caller's mode is restored below
+    try:
+        for j, start in enumerate(starts):
+            B = min(batch_size, n - start)
+            if backend == "graph":
+                loop = _graph_loop(model, s, (B, *shape), device, model_dtype, autocast, opts, compile, full,
+                                   layout, explicit=requested == "graph")
+                if loop is not None:
+                    if flags is None:
+                        flags = torch.full((len(starts),), -1, dtype=torch.long, device=device)
+                    loop.run(seed, sample_offset + start, out[start:start + B], flags[j], bar)
+                    continue
+                backend = "fused"
+            batch = _sample_sigma_batch if plan is not None else _sample_batch
+            out[start:start + B] = batch(forward, s, (B, *shape), sample_offset + start, seed, generator, device,
+                                         model_dtype, opts, bar, backend, layout)
+    finally:
+        if was_training:
+            model.train()
+        if progress is True:
+            bar.close()
+    if flags is not None:
+        bad = flags.tolist()  # one host sync for the whole call
+        for j, flag in enumerate(bad):
+            if flag >= 0:
+                _raise_if_bad(flag, s, sample_offset + starts[j], plan)
+    return out
+
+
+def model_evaluations(model, *, schedule=None, steps=None, method="ddpm", prediction="eps", **options) -> int:
+    """How many times `sample` calls the model per batch for these arguments (the steps of a
+    timestep method; k-diffusion's NFE of a sigma method: heun at k steps makes 2k - 1 calls).
+    Takes sample()'s keyword arguments; those that do not change the count are ignored."""
+    m = methods.get(method)
+    s = _resolve_schedule(model, schedule, steps, m.name)
+    if m.family == "timestep":
+        return s.num_steps
+    mopts = methods.resolve(method, **{k: v for k, v in options.items() if k in methods.OPTIONS})
+    return karras.build_plan(m.name, _sigma_levels(mopts, s, steps), s, prediction, mopts).nfe
+
+
+def _check_call(model, n, prediction, steps, seed, generator, sample_offset, progress, batch_size, compile):
+    """The arguments of sample() that every method shares; returns (seed, batch_size) resolved."""
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive int; got {n!r}")
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t); got {type(model).__name__}")
-    C.one_of(method, C.METHODS, "method")
     C.one_of(prediction, C.PREDICTIONS, "prediction")
-    C.one_of(variance, C.VARIANCES, "variance")
-    eta = C.check_eta(eta)
-    if eta != 0 and method != "ddim":
-        raise ValueError(f"eta={eta} applies to method='ddim' only; got method={method!r} (its noise is set by "
-                         "variance=); pass eta=0 or method='ddim'")
-    if isinstance(clip, str) and clip == "auto":
-        clip = None if method in C.DPM_METHODS else 1.0
-    clip = C.check_clip(clip)
-    dpm = _check_dpm_args(method, order, solver_type, eta, variance)
-    if method == "ddim" and variance == "learned_range":
-        raise ValueError("variance='learned_range' applies to method='ddpm' only; DDIM's variance is set by eta")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"steps must be a positive int (the number of sampling steps) or None (all of the "
                          f"schedule's steps); got {steps!r}")
-    if use_clipped_model_output is not None:
-        C.check_bool(use_clipped_model_output, "use_clipped_model_output")
-    if use_clipped_model_output and method != "ddim":
-        raise ValueError(f"use_clipped_model_output=True applies to method='ddim' only; got method={method!r}, "
-                         "whose step reads only the clipped x0, so it would change nothing; pass "
-                         "use_clipped_model_output=False or method='ddim'")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
     if generator is not None and seed is not None:
@@ -205,80 +273,57 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         batch_size = min(n, 256)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    C.check_self_condition(model, self_condition)
-    shape = _resolve_shape(model, shape)
-    s = _resolve_schedule(model, schedule, steps, method)
-    _check_consistent(model, s, method, prediction, variance, clip, dpm)
-    if use_clipped_model_output is None:
-        use_clipped_model_output = default_use_clipped_model_output(s, method, clip)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False; got {compile!r}")
-    device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
-    requested = backend
-    backend = resolve_backend(backend, device, generator)
+    return seed, batch_size
 
-    out = torch.empty((n, *shape), dtype=torch.float32, device=device)
-    starts = range(0, n, batch_size)
-    bar = progress if not isinstance(progress, bool) else None  # a caller's bar: one bar over many calls
-    if progress is True:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(starts) * s.num_steps, desc=f"sampling ({backend})", unit="step")
-    opts = dict(method=method, eta=eta, prediction=prediction, variance=variance, clip=clip,
-                use_clipped_model_output=use_clipped_model_output, self_condition=self_condition, **(dpm or {}))
-    flags = None  # graph batches: first bad step of each batch, read once at the end
-    full = min(batch_size, n)  # every batch but a short last one
-    layout = input_layout(model, shape)
-    forward = make_forward(model, model_dtype, autocast, compile, full)  # the eager loops' model call
-    was_training = isinstance(model, nn.Module) and model.training
-    if was_training:
-        model.eval()  # no dropout while sampling; the caller's mode is restored below
+def _loop_options(model, m, mopts, s, steps, prediction, clip) -> dict:
+    """What the loops read: for the timestep methods their options; for the sigma methods the
+    SigmaPlan (fastddpm.karras) under "plan". Refuses what contradicts the model or the peer
+    configuration the schedule came from."""
+    if m.family == "sigma":
+        _check_consistent(model, s, m.name, prediction, "fixed_small", clip)
+        sig = _sigma_levels(mopts, s, steps)
+        plan = karras.build_plan(m.name, sig, s, prediction, mopts, clip=clip, quantize=mopts["quantize"])
+        return dict(method=m.name, prediction=prediction, clip=clip, self_condition=False, plan=plan)
+    dpm = {"order": mopts["order"], "solver_type": mopts["solver_type"]} if m.name in C.DPM_METHODS else None
+    variance = mopts.get("variance", "fixed_small")
+    _check_consistent(model, s, m.name, prediction, variance, clip, dpm)
+    ucmo = mopts.get("use_clipped_model_output")
+    if ucmo is None:
+        ucmo = m.name == "ddim" and default_use_clipped_model_output(s, m.name, clip)
+    return dict(method=m.name, eta=mopts.get("eta", 0.0), prediction=prediction, variance=variance, clip=clip,
+                use_clipped_model_output=ucmo, self_condition=mopts["self_condition"], **(dpm or {}))
+
+
+def _sigma_levels(mopts, s, steps) -> torch.Tensor:
+    """The noise levels of a sigma method: a named family (fastddpm.sigmas.get_sigmas), or the
+    user's 1-D tensor of positive, strictly decreasing sigmas (a final 0 appended if it has none)."""
+    spec = mopts["sigmas"]
+    if isinstance(spec, str):
+        return sigmas_mod.get_sigmas(spec, steps if steps is not None else s.num_steps, s, mopts["sigma_min"],
+                                     mopts["sigma_max"], mopts["rho"])
+    for name in ("sigma_min", "sigma_max", "rho"):
+        if mopts[name] is not None:
+            raise ValueError(f"{name} applies to a named sigma family (sigmas='karras', ...), not to a tensor of "
+                             f"sigmas; got {name}={mopts[name]!r}")
     try:
-        for j, start in enumerate(starts):
-            B = min(batch_size, n - start)
-            if backend == "graph":
-                loop = _graph_loop(model, s, (B, *shape), device, model_dtype, autocast, opts, compile, full,
-                                   layout, explicit=requested == "graph")
-                if loop is not None:
-                    if flags is None:
-                        flags = torch.full((len(starts),), -1, dtype=torch.long, device=device)
-                    loop.run(seed, sample_offset + start, out[start:start + B], flags[j], bar)
-                    continue
-                backend = "fused"
-            out[start:start + B] = _sample_batch(forward, s, (B, *shape), sample_offset + start, seed, generator,
-                                                 device, model_dtype, opts, bar, backend, layout)
-    finally:
-        if was_training:
-            model.train()
-        if progress is True:
-            bar.close()
-    if flags is not None:
-        bad = flags.tolist()  # one host sync for the whole call
-        for j, step in enumerate(bad):
-            if step >= 0:
-                _raise_if_bad(step, s, sample_offset + starts[j])
-    return out
-
-
-def _check_dpm_args(method, order, solver_type, eta, variance):
-    """{"order", "solver_type"} of a DPM-Solver method (order defaults to 2), else None; options
-    that do not apply to the method are refused rather than ignored."""
-    if method not in C.DPM_METHODS:
-        if order is not None:
-            raise ValueError(f"order applies to method='dpmsolver++' / 'sde-dpmsolver++' only; got order={order!r} "
-                             f"with method={method!r}")
-        if solver_type != "midpoint":
-            raise ValueError(f"solver_type applies to the DPM-Solver methods only; got solver_type={solver_type!r} "
-                             f"with method={method!r}")
-        return None
-    order = 2 if order is None else order
-    dpm_solver.check_dpm_options(method, order, solver_type)
-    if eta != 0:
-        raise ValueError(f"eta applies to method='ddim' only; got eta={eta} with method={method!r} "
-                         "(its stochastic variant is method='sde-dpmsolver++')")
-    if variance != "fixed_small":
-        raise ValueError(f"variance applies to method='ddpm' only; got variance={variance!r} with method={method!r}")
-    return {"order": order, "solver_type": solver_type}
+        sig = torch.as_tensor(spec, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"sigmas must be one of {sigmas_mod.SIGMA_KINDS} or a 1-D tensor of noise levels; got "
+                         f"{type(spec).__name__}") from None
+    body = sig[:-1] if sig.ndim == 1 and sig.numel() > 1 and float(sig[-1]) == 0 else sig
+    if sig.ndim != 1 or body.numel() == 0 or not torch.isfinite(body).all() or (body <= 0).any():
+        raise ValueError(f"sigmas must be a 1-D tensor of positive finite noise levels (optionally ending in one 0); "
+                         f"got {sig.tolist()[:6]}{'...' if sig.numel() > 6 else ''}")
+    if (body[1:] >= body[:-1]).any():
+        raise ValueError(f"sigmas must be strictly decreasing; got {body.tolist()[:6]}"
+                         f"{'...' if body.numel() > 6 else ''}")
+    if steps is not None and steps != body.numel():
+        raise ValueError(f"steps={steps} disagrees with the {body.numel()} noise levels of sigmas=; leave steps out "
+                         "or pass as many sigmas")
+    return torch.cat([body, body.new_zeros(1)])
 
 
 def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, full, layout, explicit):
@@ -288,7 +333,7 @@ def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, f
     forward = make_forward(model, model_dtype, autocast, compile, full)
     try:
         return graphs.loop_for(model, forward, s, shape, device, opts, (model_dtype, autocast, compile, layout),
-                               lambda mo, x: _check_output(mo, x, opts["variance"]), layout)
+                               lambda mo, x: _check_output(mo, x, opts.get("variance", "fixed_small")), layout)
     except graphs.CaptureError as e:
         if explicit:
             raise RuntimeError(f"backend='graph': the model could not be captured in a CUDA graph ({e}); "
@@ -394,9 +439,64 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
     return x
 
 
-def _raise_if_bad(i, s, start):
+def _raise_if_bad(i, s, start, plan=None):
+    if i >= 0 and plan is not None:  # a sigma method's flag counts stages left
+        k = plan.nfe - 1 - i
+        raise FloatingPointError(
+            f"non-finite values appeared in the sampler state at model evaluation {k} of {plan.nfe} (sigma "
+            f"{float(plan.sigma[k]):.4g}) in the batch starting at sample {start}: check the model's output and dtype")
     if i >= 0:
         raise FloatingPointError(
             f"non-finite values appeared in the sampler state at step {i} (timestep {int(s.timesteps[i])}) "
             f"in the batch starting at sample {start}: check the model's output and dtype")
 
+
+
+def _sample_sigma_batch(forward, s, shape, start, seed, generator, device, model_dtype, opts, bar, backend,
+                        layout=torch.contiguous_format):
+    """One batch of a sigma method (fastddpm.karras): per model evaluation k, the model on the
+    state (its input c_in x) at the stage's timestep, then one stage update (reference, or the
+    fused op updating x and the history in place)."""
+    plan, B = opts["plan"], shape[0]
+    if backend == "reference":
+        step = karras.sigma_step
+    else:
+        from . import ops
+
+        def step(plan, x, k, mo, hist, noise, **kw):
+            return ops.sigma_step(plan, x, k, mo, hist, noise, out=x, history_out=hist, **kw)
+    if generator is not None:  # k-diffusion: x = randn * sigma_max, then euler / heun / dpm_2's first churn draw
+        z_init = _generator_normal(shape, generator, device, torch.float32)
+        z0 = _generator_normal(shape, generator, device, torch.float32) if plan.init_draws else None
+        x = karras.initial_state(plan, z_init, z0)
+        kw = {}
+    else:
+        x = karras.initial_state_seeded(plan, torch.empty(shape, device=device), seed, start)
+        kw = dict(seed=seed, sample_offset=start)
+    x = x.contiguous(memory_format=layout)
+    hist = tuple(torch.zeros_like(x) for _ in range(plan.num_history))
+    timesteps = plan.timesteps_on(device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    for k in range(plan.nfe):
+        try:
+            mo = forward(x, timesteps[k].expand(B))
+        except Exception as e:
+            if k == 0 and hasattr(e, "add_note"):
+                e.add_note(f"fastddpm.sample: the model failed on its first call with x of shape {tuple(x.shape)} "
+                           f"({model_dtype}, {device}); check shape=, dtype= and device=")
+            raise
+        if k == 0:
+            _check_output(mo, x, "fixed_small")
+            if backend == "fused":
+                x = follow_layout(x, mo)
+                hist = tuple(follow_layout(h, mo) for h in hist)
+        noise = _generator_normal(shape, generator, device, torch.float32) \
+            if generator is not None and bool(plan.draw[k]) else None
+        with torch.no_grad():
+            x, hist = step(plan, x, k, mo, hist, noise, **kw)
+        bad = ~torch.isfinite(x).all()
+        first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, plan.nfe - 1 - k), first_bad)
+        if bar is not None:
+            bar.update(1)
+    _raise_if_bad(int(first_bad), s, start, plan)  # one host sync per batch
+    return x

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Walk, as_i32, block_noise, device_guard, offsets, pick_layout, pixel_stride, program_coords, rng_args, split_seed
+from .common import (Walk, as_i32, block_noise, device_guard, offsets, pick_layout, pixel_stride, program_coords,
+                     rng_args, split_seed)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "sample_offset", "tag"])

@@ -25,7 +25,7 @@ def test_demo_writes_a_png_and_prints_timings(tmp_path, capsys):
     out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out), "-n", "4", "--steps", "3"]) == 0
     text = capsys.readouterr().out
-    assert out.exists() and "images/s" in text and "ms/step" in text
+    assert out.exists() and "images/s" in text and "ms/evaluation" in text
     from PIL import Image
 
     assert Image.open(out).size[0] > 16
@@ -64,7 +64,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["sample", "-n", "0", "--out", str(tmp_path)]) == 2
     assert "n must be a positive int" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["sample", "--method", "euler", "--out", str(tmp_path)])
+        main(["sample", "--method", "euler_a", "--out", str(tmp_path)])
     r = subprocess.run([sys.executable, "-m", "fastddpm", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--resume" in r.stdout
 

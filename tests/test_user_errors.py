@@ -192,13 +192,18 @@ def test_steps_all_is_every_training_step():
 
 
 # ------------------------------------------------------------------ 6. a failed run claims nothing
+ETA_TAKERS = ("'ddim' / 'euler_ancestral' / 'dpm_2_ancestral' / 'dpmpp_2s_ancestral' / 'dpmpp_sde' / 'dpmpp_2m_sde' / "
+              "'dpmpp_3m_sde'")
+
+
 def test_failed_run_does_not_claim_its_folder(tmp_path, capsys):
     _, path = tiny_unet(tmp_path)
     out = str(tmp_path / "o")
     args = ["sample", "--checkpoint", path, "-n", "3", "--steps", "2", "--out", out, "--no-progress"]
     assert main(args + ["--method", "ddpm", "--eta", "0.5"]) == 2
-    assert capsys.readouterr().err == ("fastddpm sample: error: eta=0.5 applies to method='ddim' only; got "
-                                       "method='ddpm' (its noise is set by variance=); pass eta=0 or method='ddim'\n")
+    assert capsys.readouterr().err == (f"fastddpm sample: error: eta applies to method={ETA_TAKERS} only; got eta=0.5 "
+                                       "with method='ddpm' (DDPM's noise is set by variance=); leave it out (or pass "
+                                       "eta=0.0) or choose one of those methods\n")
     assert main(args + ["--method", "ddpm"]) == 0  # the corrected command, same folder
     assert main(args + ["--method", "ddim"]) == 2  # a folder holding shards is claimed
     assert capsys.readouterr().err.startswith(f"fastddpm sample: error: {os.path.join(out, 'shards')} holds shards "
@@ -209,8 +214,9 @@ def test_failed_run_does_not_claim_its_folder(tmp_path, capsys):
 
 # ------------------------------------------------------------------ 7. silent ignores
 def test_eta_with_ddpm_is_an_error():
-    with pytest.raises(ValueError, match=exact("eta=0.3 applies to method='ddim' only; got method='ddpm' (its noise "
-                                               "is set by variance=); pass eta=0 or method='ddim'")):
+    with pytest.raises(ValueError, match=exact(f"eta applies to method={ETA_TAKERS} only; got eta=0.3 with "
+                                               "method='ddpm' (DDPM's noise is set by variance=); leave it out (or "
+                                               "pass eta=0.0) or choose one of those methods")):
         fastddpm.sample(lambda x, t: x, 2, shape=(1, 4, 4), steps=2, method="ddpm", eta=0.3)
 
 

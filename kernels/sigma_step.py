@@ -1,0 +1,193 @@
+"""Fused stage update of the k-diffusion samplers (fastddpm/karras.py has the formulas): ONE pass
+per model evaluation that reads the state x, the model output and the history it needs, and
+writes the next state (the next model input) and the new history.
+
+Per element (float32 math; per-stage scalars from SigmaPlan.table, computed in float64):
+
+    D   = cs x + co mo                               (clamped to [-clip, clip] when CLIP)
+    out = a x + b D + c0 h0 + c1 h1 + c2 h2 + s z    (h_j read only where c_j != 0 or it shifts)
+    where p or q != 0:  h2 <- h1, h1 <- h0, h0 <- p x + q D
+
+out may be x itself and the history is updated in place: every element is read before it is
+written, by the same program. Grid: (B, blocks per sample), so k[b] and every coefficient is
+one scalar load.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm.karras import ROW
+
+from .common import (Walk, as_i32, block_noise, device_guard, flag_non_finite, offsets, pick_layout, pixel_stride,
+                     program_coords, rng_args, sample_layout, split_seed, to_layout)
+
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+
+
+@triton.jit
+def _c(tab_ptr, row: tl.constexpr, K, k):
+    return tl.load(tab_ptr + row * K + k)
+
+
+@triton.jit(do_not_specialize=["k_scalar", "K", "seed_lo", "seed_hi", "sample_offset"])
+def sigma_step_kernel(
+    x_ptr, mo_ptr, h0_ptr, h1_ptr, h2_ptr, z_ptr, out_ptr,      # tensors (B, ...) in one layout
+    sxb, sxp, smb, smp, s0b, s0p, s1b, s1p, s2b, s2p, szb, szp, sob, sop,  # batch and pixel strides
+    tab_ptr, tag_ptr, k_ptr, k_scalar, K,                      # stage table (ROWS, K); tags (K,); k
+    N, C, HW, clip, seed_lo, seed_hi, sample_offset,
+    rng_ptr, flag_ptr,                                         # (seed_lo, seed_hi, offset) int64; first-bad flag
+    R_CS: tl.constexpr, R_CO: tl.constexpr, R_A: tl.constexpr, R_B: tl.constexpr, R_C0: tl.constexpr,
+    R_C1: tl.constexpr, R_C2: tl.constexpr, R_S: tl.constexpr, R_P: tl.constexpr, R_Q: tl.constexpr,
+    NHIST: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, PER_SAMPLE_K: tl.constexpr,
+    LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr, RNG_PTR: tl.constexpr, CHECK: tl.constexpr,
+    CP: tl.constexpr, QUAD: tl.constexpr,
+):
+    b, pid, k, i, c, mask = program_coords(k_ptr, k_scalar, N, C, HW, PER_SAMPLE_K, BLOCK, LAYOUT_CL, CP)
+
+    x = tl.load(x_ptr + offsets(b, i, c, sxb, sxp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + offsets(b, i, c, smb, smp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+
+    # denoised estimate D = c_skip x + c_out mo (in state space)
+    d = _c(tab_ptr, R_CS, K, k) * x + _c(tab_ptr, R_CO, K, k) * mo
+    if CLIP:
+        d = tl.clamp(d, -clip, clip, propagate_nan=tl.PropagateNan.ALL)
+    out = _c(tab_ptr, R_A, K, k) * x + _c(tab_ptr, R_B, K, k) * d
+
+    # history: read where its coefficient is nonzero or where a push shifts it
+    p = _c(tab_ptr, R_P, K, k)
+    q = _c(tab_ptr, R_Q, K, k)
+    push = (p != 0.0) | (q != 0.0)
+    h0 = tl.zeros_like(x)
+    h1 = tl.zeros_like(x)
+    if NHIST >= 1:
+        c0 = _c(tab_ptr, R_C0, K, k)
+        if NHIST >= 2:
+            need0 = (c0 != 0.0) | push
+        else:
+            need0 = c0 != 0.0
+        if need0:
+            h0 = tl.load(h0_ptr + offsets(b, i, c, s0b, s0p, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+            out = out + c0 * h0
+    if NHIST >= 2:
+        c1 = _c(tab_ptr, R_C1, K, k)
+        if NHIST >= 3:
+            need1 = (c1 != 0.0) | push
+        else:
+            need1 = c1 != 0.0
+        if need1:
+            h1 = tl.load(h1_ptr + offsets(b, i, c, s1b, s1p, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+            out = out + c1 * h1
+    if NHIST >= 3:
+        c2 = _c(tab_ptr, R_C2, K, k)
+        if c2 != 0.0:
+            h2 = tl.load(h2_ptr + offsets(b, i, c, s2b, s2p, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+            out = out + c2 * h2
+
+    # noise s z (the churn noise of the next step, or the ancestral / SDE noise)
+    if NOISE != 0:
+        s = _c(tab_ptr, R_S, K, k)
+        if s != 0.0:
+            if NOISE == 1:
+                z = tl.load(z_ptr + offsets(b, i, c, szb, szp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+            else:
+                k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
+                z = block_noise(pid, first + b, tl.load(tag_ptr + k), k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
+            out = out + s * z
+
+    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
+    if CHECK:  # the flag counts stages left, so its maximum is the first bad stage
+        flag_non_finite(flag_ptr, out, mask, K - 1 - k)
+    if NHIST >= 1:
+        if push:
+            if NHIST >= 3:
+                tl.store(h2_ptr + offsets(b, i, c, s2b, s2p, LAYOUT_CL), h1, mask=mask)
+            if NHIST >= 2:
+                tl.store(h1_ptr + offsets(b, i, c, s1b, s1p, LAYOUT_CL), h0, mask=mask)
+            tl.store(h0_ptr + offsets(b, i, c, s0b, s0p, LAYOUT_CL), p * x + q * d, mask=mask)
+
+
+def sigma_step_forward(plan, x, k, model_output, history, noise, *, seed, sample_offset: int, out=None,
+                       rng=None, flag=None):
+    """Launch the fused stage update; returns (new x, history). Inputs are validated by fastddpm.ops.
+
+    history: plan.num_history float32 tensors like x, updated IN PLACE when they are in the layout
+    the kernel walks (else the updated copies are written back into them). out: a float32 buffer
+    to write (may be x). For captured loops, rng (int64 device (seed_lo, seed_hi, sample_offset))
+    replaces seed and sample_offset, and flag (int64 device scalar) is raised to K - 1 - k when
+    the new state holds a non-finite value."""
+    C = x.shape[1]
+    x, layout = pick_layout(x)
+    walk = Walk(x, layout)
+    dev = x.device
+    mo = to_layout(model_output, layout)
+    hist = [to_layout(h, layout) for h in history]
+    pad = hist + [x] * (3 - len(hist))
+    z = to_layout(noise, layout) if noise is not None else x
+    user_out = out
+    if out is None or sample_layout(out) != layout:  # the kernel writes in the layout it walks
+        out = torch.empty_like(x, dtype=torch.float32)
+    tab = plan.table(dev)
+    stoch = bool((plan.row("s") != 0).any())
+    if not stoch:
+        noise_mode = NOISE_NONE
+    elif noise is not None:
+        noise_mode = NOISE_TENSOR
+    else:
+        noise_mode = NOISE_PHILOX if (seed is not None or rng is not None) else NOISE_NONE
+    per_sample = isinstance(k, torch.Tensor)
+    seed_lo, seed_hi = split_seed(seed or 0)
+    with device_guard(x):
+        sigma_step_kernel[walk.grid](
+            x, mo, pad[0], pad[1], pad[2], z, out,
+            x.stride(0), pixel_stride(x), mo.stride(0), pixel_stride(mo), pad[0].stride(0), pixel_stride(pad[0]),
+            pad[1].stride(0), pixel_stride(pad[1]), pad[2].stride(0), pixel_stride(pad[2]),
+            z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out),
+            tab, plan.tags_on(dev), k if per_sample else tab, 0 if per_sample else int(k), plan.nfe,
+            walk.N, C, walk.HW, float(plan.clip) if plan.clip is not None else 0.0, seed_lo, seed_hi,
+            as_i32(sample_offset), rng if rng is not None else tab, flag if flag is not None else tab,
+            ROW["cs"], ROW["co"], ROW["a"], ROW["b"], ROW["c0"], ROW["c1"], ROW["c2"], ROW["s"], ROW["p"], ROW["q"],
+            NHIST=plan.num_history, CLIP=plan.clip is not None, NOISE=noise_mode, PER_SAMPLE_K=per_sample,
+            RNG_PTR=rng is not None, CHECK=flag is not None, **walk.meta, num_warps=walk.num_warps,
+        )
+    if user_out is not None and user_out is not out:
+        out = user_out.copy_(out)
+    for h, mine in zip(history, hist):
+        if h is not mine:
+            h.copy_(mine)
+    return out, tuple(history)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "sample_offset", "tag_init", "tag0"])
+def sigma_init_kernel(
+    out_ptr, sob, sop, N, C, HW, rng_ptr, seed_lo, seed_hi, sample_offset, init_std, init_churn, tag_init, tag0,
+    CHURN: tl.constexpr, RNG_PTR: tl.constexpr, LAYOUT_CL: tl.constexpr,
+    BLOCK: tl.constexpr, CP: tl.constexpr, QUAD: tl.constexpr,
+):
+    """x_0 = init_std z(TAG_INIT) + init_churn z(tag 0): the first model input of a SigmaPlan."""
+    b, pid, _, i, c, mask = program_coords(rng_ptr, 0, N, C, HW, False, BLOCK, LAYOUT_CL, CP)
+    k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
+    x = init_std * block_noise(pid, first + b, tag_init, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
+    if CHURN:
+        x = x + init_churn * block_noise(pid, first + b, tag0, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
+    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), x, mask=mask)
+
+
+def sigma_init_forward(plan, out: torch.Tensor, *, seed=None, sample_offset: int = 0, rng=None) -> torch.Tensor:
+    """Fill the float32 tensor out (B, ...) with the plan's first model input from the stream."""
+    from fastddpm.rng import TAG_INIT
+
+    target, layout = pick_layout(out)
+    if target is not out:
+        raise ValueError("out must be contiguous or channels_last inside each sample")
+    walk = Walk(out, layout)
+    seed_lo, seed_hi = split_seed(seed or 0)
+    with device_guard(out):
+        sigma_init_kernel[walk.grid](
+            out, out.stride(0), pixel_stride(out), walk.N, walk.C, walk.HW, rng if rng is not None else out,
+            seed_lo, seed_hi, as_i32(sample_offset), float(plan.init_std), float(plan.init_churn),
+            as_i32(TAG_INIT), 0, CHURN=plan.init_churn != 0, RNG_PTR=rng is not None, **walk.meta,
+            num_warps=walk.num_warps,
+        )
+    return out
