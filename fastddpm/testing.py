@@ -19,7 +19,9 @@ from .schedule import Schedule
 
 
 class GaussianDataModel(nn.Module):
-    """model(x (B, *shape), t LongTensor (B,) of training timesteps) -> exact eps / x0 / v."""
+    """model(x (B, *shape), t (B,) training timesteps) -> exact eps / x0 / v for data N(mu, sd^2):
+    t a LongTensor, or a float tensor of continuous timesteps (the sigma methods), whose noise level
+    is interpolated in log sigma as fastddpm.sigmas.sigma_to_t inverts it."""
 
     def __init__(self, schedule: Schedule, mu: torch.Tensor, sd: torch.Tensor, prediction: str = "eps"):
         super().__init__()
@@ -32,7 +34,15 @@ class GaussianDataModel(nn.Module):
         self.config = type("Cfg", (), dict(in_channels=mu.shape[0], image_size=tuple(mu.shape[1:])))
 
     def forward(self, x, t):
-        abar = self.abar[t].view(-1, *([1] * (x.ndim - 1)))
+        if t.is_floating_point():  # a continuous timestep (the sigma methods): its sigma, interpolated in log sigma
+            log_var = ((1 - self.abar) / self.abar).log()  # log sigma^2: linear in log sigma as well
+            t = t.double().clamp(0, len(log_var) - 1)
+            lo = t.floor().long()
+            hi = (lo + 1).clamp(max=len(log_var) - 1)
+            sig2 = ((1 - t.frac()) * log_var[lo] + t.frac() * log_var[hi]).exp()
+            abar = (1 / (1 + sig2)).view(-1, *([1] * (x.ndim - 1)))
+        else:
+            abar = self.abar[t].view(-1, *([1] * (x.ndim - 1)))
         a, sa, s1 = abar, abar.sqrt(), (1 - abar).sqrt()
         resid = (x.double() - sa * self.mu) / (a * self.sd**2 + 1 - a)
         eps = s1 * resid
