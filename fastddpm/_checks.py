@@ -70,27 +70,33 @@ def check_t(s, t, x):
     Values of a tensor t are range-checked (one host sync) except while a CUDA graph is being
     captured.
     """
-    S, B = s.num_steps, x.shape[0]
+    return check_index(t, s.num_steps, x, "t", "step", "x_t")
+
+
+def check_index(t, count, x, name, what, x_name="x"):
+    """An index into 0..count-1 (a step, a stage): an int, or an integer tensor () / (B,) on x's
+    device, returned as in check_t."""
+    B = x.shape[0]
     if isinstance(t, bool):
-        raise TypeError("t must be an int or an integer tensor; got bool")
+        raise TypeError(f"{name} must be an int or an integer tensor; got bool")
     if isinstance(t, int):
-        if not 0 <= t < S:
-            raise ValueError(f"t must be a step index in 0..{S - 1}; got {t}")
+        if not 0 <= t < count:
+            raise ValueError(f"{name} must be a {what} index in 0..{count - 1}; got {t}")
         return t
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be an int or an integer tensor; got {type(t).__name__}")
+        raise TypeError(f"{name} must be an int or an integer tensor; got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"t must have an integer dtype; got {t.dtype}")
+        raise TypeError(f"{name} must have an integer dtype; got {t.dtype}")
     if t.device != x.device:
-        raise ValueError(f"t is on {t.device} but x_t is on {x.device}; put them on one device")
+        raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}; put them on one device")
     if t.ndim == 0:
         t = t.expand(B)
     if t.shape != (B,):
-        raise ValueError(f"t must have shape () or ({B},) to match x_t's batch; got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape () or ({B},) to match {x_name}'s batch; got {tuple(t.shape)}")
     if not _capturing(t):
         lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= S:
-            raise ValueError(f"t must hold step indices in 0..{S - 1}; got values in [{lo}, {hi}]")
+        if lo < 0 or hi >= count:
+            raise ValueError(f"{name} must hold {what} indices in 0..{count - 1}; got values in [{lo}, {hi}]")
     return t.to(torch.long).contiguous()
 
 

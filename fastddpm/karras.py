@@ -455,35 +455,12 @@ def _at(row, k, x):
     return row[k] if isinstance(k, int) else row[k].view(-1, *([1] * (x.ndim - 1)))
 
 
-def check_k(plan, k, x):
-    """k: a stage index int in 0..K-1, or an integer tensor () / (B,) on x's device."""
-    if isinstance(k, bool):
-        raise TypeError("k must be an int or an integer tensor; got bool")
-    if isinstance(k, int):
-        if not 0 <= k < plan.nfe:
-            raise ValueError(f"k must be a stage index in 0..{plan.nfe - 1}; got {k}")
-        return k
-    if not isinstance(k, torch.Tensor) or k.is_floating_point() or k.dtype == torch.bool:
-        raise TypeError(f"k must be an int or an integer tensor; got {type(k).__name__}")
-    if k.device != x.device:
-        raise ValueError(f"k is on {k.device} but x is on {x.device}; put them on one device")
-    if k.ndim == 0:
-        k = k.expand(x.shape[0])
-    if k.shape != (x.shape[0],):
-        raise ValueError(f"k must have shape () or ({x.shape[0]},) to match x's batch; got {tuple(k.shape)}")
-    if not (k.is_cuda and torch.cuda.is_current_stream_capturing()):
-        lo, hi = int(k.min()), int(k.max())
-        if lo < 0 or hi >= plan.nfe:
-            raise ValueError(f"k must hold stage indices in 0..{plan.nfe - 1}; got values in [{lo}, {hi}]")
-    return k.to(torch.long).contiguous()
-
-
 def check_sigma_step_args(plan, x, k, model_output, history, noise, seed, sample_offset):
     """Validate one stage update's arguments (shared by the reference and the fused op); returns k."""
     if not isinstance(plan, SigmaPlan):
         raise TypeError(f"plan must be a fastddpm.karras.SigmaPlan; got {type(plan).__name__}")
     C.check_float_tensor(x, "x")
-    k = check_k(plan, k, x)
+    k = C.check_index(k, plan.nfe, x, "k", "stage")
     C.check_model_output(model_output, x, "fixed_small")
     history = tuple(history or ())
     if len(history) != plan.num_history:
