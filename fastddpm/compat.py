@@ -15,9 +15,13 @@ DPMSolverMultistepScheduler maps algorithm_type ("dpmsolver++" / "sde-dpmsolver+
 solver_order (1, 2), solver_type, timestep_spacing / steps_offset (through its timesteps),
 prediction_type, lower_order_final and euler_at_final (no-ops with final_sigmas_type="zero").
 
+Euler / EulerAncestral / Heun / KDPM2 / LMS DiscreteScheduler and DPMSolverMultistepScheduler
+with use_karras_sigmas=True map to k-diffusion's samplers on the scheduler's own noise levels and
+timesteps (after set_timesteps): see fastddpm.diffusers_sigmas.
+
 Refused with an error, never silently changed: dynamic thresholding, zero-terminal-SNR
 rescaling, DDIM's set_alpha_to_one=False, variance_type="learned" (a raw log variance),
-DPM-Solver's Karras / exponential / beta / Lu / flow sigmas, final_sigmas_type="sigma_min",
+DPM-Solver's exponential / beta / Lu / flow sigmas, final_sigmas_type="sigma_min",
 lambda_min_clipped, a variance_type, algorithm_type "dpmsolver" / "sde-dpmsolver", solver_order 3,
 and DDIM respacings whose `t - T // k` previous timestep is not the previous kept step.
 
@@ -45,16 +49,21 @@ import torch
 
 from .diffusers_schedule import (PREDICTION_FROM_DIFFUSERS, VARIANCE_FROM_DIFFUSERS, sampler_options,  # noqa: F401
                                  schedule_from_diffusers)
+from .diffusers_sigmas import is_sigma_scheduler, sigma_sample_kwargs
 from .schedule import Schedule
 
 
 def sample_kwargs(scheduler) -> dict:
     """Keyword arguments for `fastddpm.sample` that reproduce a diffusers scheduler:
     schedule (betas + respacing), method, prediction, clip, (DDPM) variance and (DPM-Solver++)
-    order and solver_type; or a denoising-diffusion-pytorch GaussianDiffusion (see
-    `gaussian_diffusion_kwargs`)."""
+    order and solver_type; for Euler / EulerAncestral / Heun / KDPM2 / LMS and DPM-Solver with
+    Karras sigmas (after set_timesteps) the training schedule, a sigma method, its options and
+    the scheduler's noise levels (fastddpm.diffusers_sigmas); or a denoising-diffusion-pytorch
+    GaussianDiffusion (see `gaussian_diffusion_kwargs`)."""
     if is_gaussian_diffusion(scheduler):
         return gaussian_diffusion_kwargs(scheduler)
+    if is_sigma_scheduler(scheduler):
+        return sigma_sample_kwargs(Schedule, scheduler)
 
     s = Schedule.from_diffusers(scheduler)
     return {"schedule": s, **s.source_options}

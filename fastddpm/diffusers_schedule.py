@@ -24,6 +24,10 @@ def _cfg(scheduler, name, default=None):
 
 def schedule_from_diffusers(cls, scheduler):
     kind = type(scheduler).__name__
+    from .diffusers_sigmas import is_sigma_scheduler, sigma_schedule
+
+    if is_sigma_scheduler(scheduler):  # Euler, Heun, ..., DPM-Solver with Karras sigmas: the training schedule
+        return sigma_schedule(cls, scheduler)
     betas = getattr(scheduler, "betas", None)
     T = _cfg(scheduler, "num_train_timesteps")
     if betas is None or T is None:
@@ -63,6 +67,10 @@ def schedule_from_diffusers(cls, scheduler):
 def sampler_options(scheduler) -> dict:
     """prediction / variance / clip / method of a diffusers scheduler, in fastddpm's terms."""
     kind = type(scheduler).__name__
+    from .diffusers_sigmas import is_sigma_scheduler, sigma_options
+
+    if is_sigma_scheduler(scheduler):
+        return sigma_options(scheduler)
     if kind == "DPMSolverMultistepScheduler":
         return dpm_solver_options(scheduler)
     pt = _cfg(scheduler, "prediction_type", "epsilon")
@@ -84,8 +92,6 @@ def sampler_options(scheduler) -> dict:
 # DPMSolverMultistepScheduler options fastddpm cannot honour: (config name, value it needs, why)
 _DPM_REFUSED = (
     ("thresholding", False, "dynamic thresholding; fastddpm supports fixed clipping only (clip=)"),
-    ("use_karras_sigmas", False, "Karras sigmas are noise levels between training timesteps, which a "
-                                 "fastddpm Schedule (one training timestep per step) cannot hold"),
     ("use_exponential_sigmas", False, "another sigma family (noise levels between training timesteps)"),
     ("use_beta_sigmas", False, "another sigma family (noise levels between training timesteps)"),
     ("use_lu_lambdas", False, "another sigma family (noise levels between training timesteps)"),

@@ -37,7 +37,7 @@ import torch
 
 from . import _checks as C
 from . import rng
-from .sigmas import ancestral_step, denoiser_scalings, sigma_to_t
+from .sigmas import ancestral_step, denoiser_scalings, recorded_timesteps, sigma_to_t
 
 __all__ = ["K_METHODS", "Lin", "Stage", "SigmaPlan", "build_plan", "sigma_step", "initial_state",
            "initial_state_seeded", "ROWS"]
@@ -441,11 +441,13 @@ def build_plan(method: str, sigmas: torch.Tensor, s, prediction: str, options: d
             coef[ROW["p"], k] = st.push["x"] / here
             coef[ROW["q"], k] = st.push["D"]
     sigma = torch.tensor([st.sigma for st in stages], dtype=torch.float64)
-    return SigmaPlan(method=method, sigmas=sigmas, coef=coef, sigma=sigma,
-                     timestep=sigma_to_t(sigma, s, quantize=quantize),
+    # a peer scheduler's own timesteps and initial noise where s records them for these sigmas
+    recorded = recorded_timesteps(sigma, sigmas, s)
+    timestep, init_sigma = recorded if recorded is not None else (sigma_to_t(sigma, s, quantize=quantize), sig[0])
+    return SigmaPlan(method=method, sigmas=sigmas, coef=coef, sigma=sigma, timestep=timestep,
                      tag=torch.tensor([st.tag for st in stages], dtype=torch.long),
                      draw=torch.tensor([st.draw for st in stages], dtype=torch.bool),
-                     init_std=cin[0] * sig[0], init_churn=cin[0] * churn0,
+                     init_std=cin[0] * init_sigma, init_churn=cin[0] * churn0,
                      init_draws=method in ("euler", "heun", "dpm_2"), num_history=hist(options), clip=clip,
                      steps=len(sig) - 1)
 

@@ -150,6 +150,9 @@ class Schedule:
 
         If `scheduler.set_timesteps(k)` was called, the result is respaced to exactly
         `scheduler.timesteps`. See `fastddpm.compat` for the options that are honoured.
+        Euler / EulerAncestral / Heun / KDPM2 / LMS and DPM-Solver with Karras sigmas give the
+        training schedule, recording the scheduler's noise levels and timesteps
+        (fastddpm.diffusers_sigmas); pass it with the rest of `compat.sample_kwargs(scheduler)`.
         """
         return schedule_from_diffusers(cls, scheduler)
 

@@ -31,7 +31,8 @@ import math
 
 import torch
 
-__all__ = ["SIGMA_KINDS", "training_sigmas", "get_sigmas", "sigma_to_t", "denoiser_scalings", "ancestral_step"]
+__all__ = ["SIGMA_KINDS", "training_sigmas", "get_sigmas", "sigma_to_t", "recorded_timesteps", "denoiser_scalings",
+           "ancestral_step"]
 
 SIGMA_KINDS = ("karras", "exponential", "polyexponential", "vp", "discrete")
 DEFAULT_RHO = {"karras": 7.0, "polyexponential": 1.0}
@@ -103,6 +104,22 @@ def sigma_to_t(sigma: torch.Tensor, s, quantize: bool = False) -> torch.Tensor:
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = ((low - log_sigma) / (low - high)).clamp(0, 1)
     return ((1 - w) * low_idx + w * high_idx).view(sigma.shape)
+
+
+def recorded_timesteps(stage_sigma: torch.Tensor, sigmas: torch.Tensor, s):
+    """(timesteps, initial sigma) recorded from a peer's scheduler in s.source_options["sigma_timesteps"]
+    (fastddpm.diffusers_sigmas), when a plan over `sigmas` (its noise levels) evaluates the model at
+    the recorded sigmas (stage_sigma, to 1e-5: KDPM2's midpoints are float32 there); else None,
+    and sigma_to_t applies. diffusers' timesteps are not k-diffusion's sigma_to_t: np.interp
+    (linear in sigma) for its default noise levels, rounded for DPM-Solver's Karras sigmas."""
+    rec = (getattr(s, "source_options", None) or {}).get("sigma_timesteps")
+    if rec is None:
+        return None
+    levels, at = rec["sigmas"], rec["stage_sigmas"]
+    if levels.shape != sigmas.shape or not torch.equal(levels, sigmas.to(torch.float64)) or \
+            at.shape != stage_sigma.shape or not torch.allclose(stage_sigma.to(torch.float64), at, rtol=1e-5, atol=0):
+        return None
+    return rec["timesteps"].clone(), float(rec["init_sigma"])
 
 
 def denoiser_scalings(prediction: str, sigma: float) -> tuple[float, float, float]:

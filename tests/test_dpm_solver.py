@@ -210,7 +210,6 @@ def test_seed_mode_is_the_same_images_for_any_batch_size():
 
 @pytest.mark.parametrize("cfg,match", [
     (dict(thresholding=True), "thresholding"),
-    (dict(use_karras_sigmas=True), "use_karras_sigmas"),
     (dict(use_exponential_sigmas=True), "use_exponential_sigmas"),
     (dict(use_lu_lambdas=True), "use_lu_lambdas"),
     (dict(final_sigmas_type="sigma_min"), "final_sigmas_type"),
