@@ -78,12 +78,20 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return False
 
 
-def _check_out(out, x):
+def _check_out(out, x, inputs, name="out", outputs=None):
+    """out: a float32 buffer like x, apart from every input or one of them itself (C.check_no_partial_overlap)."""
     if out is None:
         return
-    C.check_like(out, x, "out")
+    C.check_like(out, x, name)
     if out.dtype != torch.float32:
-        raise TypeError(f"out must be float32 (the sampler state's dtype); got {out.dtype}")
+        raise TypeError(f"{name} must be float32 (the sampler state's dtype); got {out.dtype}")
+    C.check_no_partial_overlap(out, name, inputs, outputs)
+
+
+def _empty_result(x, return_x0=False, out=None):
+    """What the reference returns for an empty batch: empty float32 tensors (out itself when given)."""
+    res = out if out is not None else torch.empty_like(x, dtype=torch.float32)
+    return (res, torch.empty_like(x, dtype=torch.float32)) if return_x0 else res
 
 
 def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed: int | None = None,
@@ -96,7 +104,7 @@ def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed:
     C.check_sample_offset(sample_offset)
     if sample_offset + x0.shape[0] > 2**32:
         raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x0.shape[0]}")
-    if not _use_kernels(x0):
+    if not _use_kernels(x0) or x0.shape[0] == 0:  # an empty batch: the reference's empty result, no launch
         return diffusion.q_sample(s, x0, t, noise, seed=seed, sample_offset=sample_offset)
     q_mod, _ = _load_kernels()
     return q_mod.q_sample_forward(s, x0, t, noise, seed, sample_offset)
@@ -104,21 +112,12 @@ def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed:
 
 def _step(ref_fn, s, x_t, t, model_output, noise, *, ddim, eta, prediction, variance, clip, seed,
           sample_offset, return_x0, out, use_clipped_model_output=False):
-    C.check_schedule(s)
-    C.check_float_tensor(x_t, "x_t")
-    C.one_of(prediction, C.PREDICTIONS, "prediction")
-    C.one_of(variance, C.VARIANCES, "variance")
-    eta = C.check_eta(eta)
-    clip = C.check_clip(clip)
-    C.check_bool(use_clipped_model_output, "use_clipped_model_output")
-    t = C.check_t(s, t, x_t)
-    C.check_model_output(model_output, x_t, variance)
-    at_zero = isinstance(t, int) and t == 0
-    C.check_noise_source(noise, seed, x_t, needs_noise=not at_zero and (not ddim or eta > 0))
-    C.check_sample_offset(sample_offset)
-    if sample_offset + x_t.shape[0] > 2**32:
-        raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x_t.shape[0]}")
-    _check_out(out, x_t)
+    t, eta, clip = C.check_step_args(s, x_t, t, model_output, noise, ddim=ddim, eta=eta, prediction=prediction,
+                                     variance=variance, clip=clip, seed=seed, sample_offset=sample_offset,
+                                     use_clipped_model_output=use_clipped_model_output)
+    _check_out(out, x_t, {"x_t": x_t, "model_output": model_output, "noise": noise})
+    if x_t.shape[0] == 0:
+        return _empty_result(x_t, return_x0, out)
     if not _use_kernels(x_t):
         kw = dict(eta=eta, use_clipped_model_output=use_clipped_model_output) if ddim else dict(variance=variance)
         res = ref_fn(s, x_t, t, model_output, noise, prediction=prediction, clip=clip, seed=seed,
@@ -166,11 +165,12 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
     themselves (the loop's in-place update)."""
     t, clip = dpm_solver.check_dpm_step_args(s, x_t, t, model_output, prev_x0, noise, method, order, solver_type,
                                              prediction, clip, seed, sample_offset)
-    _check_out(out, x_t)
-    if x0_out is not None:
-        C.check_like(x0_out, x_t, "x0_out")
-        if x0_out.dtype != torch.float32:
-            raise TypeError(f"x0_out must be float32; got {x0_out.dtype}")
+    inputs = {"x_t": x_t, "model_output": model_output, "prev_x0": prev_x0, "noise": noise}
+    _check_out(out, x_t, inputs, outputs={"x0_out": x0_out})
+    _check_out(x0_out, x_t, inputs, "x0_out")
+    if x_t.shape[0] == 0:
+        x0 = x0_out if x0_out is not None else torch.empty_like(x_t, dtype=torch.float32)
+        return _empty_result(x_t, out=out), x0
     kw = dict(method=method, order=order, solver_type=solver_type, prediction=prediction, clip=clip)
     if not _use_kernels(x_t):
         x, x0 = diffusion.dpm_solver_step(s, x_t, t, model_output, prev_x0, noise, seed=seed,
