@@ -16,8 +16,9 @@ one fused Triton kernel per step), "graph" (the fused loop replayed from capture
 graphs, see fastddpm.graphs), "auto" (graph on CUDA, fused when capture fails or with
 generator=, reference on the CPU).
 
-No host synchronisation inside the loop: non-finite values are tracked in a device-side
-flag holding the first bad step, read once per batch (once per call for graph batches).
+No host synchronisation inside the loop: non-finite values, in the model's output (which
+clipping would otherwise hide) or in the state, are tracked in a device-side flag holding the
+first bad step, read once per batch (once per call for graph batches).
 
 How the model is called (its shape, device, dtype and layout; casts, autocast, compile=True):
 fastddpm.model_call.
@@ -39,7 +40,7 @@ __all__ = ["sample", "call_model", "resolve_backend", "make_forward"]
 def _resolve_schedule(model, schedule, steps, method="ddpm"):
     if schedule is None:
         schedule = getattr(model, "fastddpm_schedule", None) or Schedule.linear(1000)
-    C.check_schedule(schedule)
+    C.check_schedule(schedule, "schedule")
     if steps is not None:
         if method in C.DPM_METHODS:  # DPMSolverMultistepScheduler's default "linspace" respacing
             schedule = schedule.select(dpm_solver.dpm_indices(schedule.num_steps, steps, "linspace"))
@@ -159,6 +160,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         the seed's stream (sample i is the same image in any call), e.g. a shard of a
         distributed run (see fastddpm.distributed).
     """
+    n, steps, batch_size, seed, sample_offset = map(C.as_int, (n, steps, batch_size, seed, sample_offset))
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive int; got {n!r}")
     if not callable(model):
@@ -207,6 +209,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     C.check_self_condition(model, self_condition)
     shape = _resolve_shape(model, shape)
+    C.check_schedule_fits_model(model, schedule)
     s = _resolve_schedule(model, schedule, steps, method)
     _check_consistent(model, s, method, prediction, variance, clip, dpm)
     if use_clipped_model_output is None:
@@ -386,7 +389,7 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
                     x, x0 = x
         if cond:
             cond = (x0,)
-        bad = ~torch.isfinite(x).all()
+        bad = ~(torch.isfinite(x).all() & torch.isfinite(mo).all())  # clipping can hide a non-finite output
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, i), first_bad)
         if bar is not None:
             bar.update(1)
@@ -397,6 +400,7 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
 def _raise_if_bad(i, s, start):
     if i >= 0:
         raise FloatingPointError(
-            f"non-finite values appeared in the sampler state at step {i} (timestep {int(s.timesteps[i])}) "
-            f"in the batch starting at sample {start}: check the model's output and dtype")
+            f"non-finite values (NaN or inf) appeared at step {i} (timestep {int(s.timesteps[i])}) in the batch "
+            f"starting at sample {start}, in the model's output or the sampler state: check the model's output "
+            "and dtype")
 
