@@ -87,7 +87,7 @@ def test_out_partly_overlapping_an_input_is_refused_the_full_alias_works(sched):
 
 
 # ------------------------------------------------------------------ sample(): arguments
-def test_sample_argument_errors_name_the_argument():
+def test_sample_argument_errors_name_the_argument(capsys):
     model = lambda x, t: x * 0  # noqa: E731
     with pytest.raises(TypeError, match=exact("schedule must be a fastddpm.Schedule (e.g. "
                                               "fastddpm.Schedule.linear(1000)); got 'linear'")):
@@ -98,6 +98,9 @@ def test_sample_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match=exact("device='meta' is torch's placeholder device, which holds no values; "
                                                "pass a device that computes, such as device='cpu' or device='cuda'")):
         fastddpm.sample(model, 2, shape=(1, 4, 4), steps=2, device="meta")
+    from fastddpm.cli import main
+
+    assert main(["demo", "--device", "meta", "--out", "never-written.png"]) == 2  # the CLI's --device: the same check
     # numpy integers are integers
     a = fastddpm.sample(model, np.int64(3), shape=(np.int64(1), 4, 4), steps=np.int32(3), batch_size=np.int64(2),
                         seed=np.uint16(5))
@@ -105,6 +108,9 @@ def test_sample_argument_errors_name_the_argument():
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match=exact("n must be a positive int; got 0")):
         fastddpm.sample(model, np.int64(0), shape=(1, 4, 4))
+    assert capsys.readouterr().err == ("fastddpm demo: error: --device='meta' is torch's placeholder device, which "
+                                       "holds no values; pass a device that computes, such as --device='cpu' or "
+                                       "--device='cuda'\n")
 
 
 def test_schedule_contradicting_the_models_own_is_an_error():
@@ -158,3 +164,52 @@ def test_inf_model_output_is_reported_though_clipping_hides_it(graph_on_cpu, met
     for backend in ("reference", "fused", graph_on_cpu):
         with pytest.raises(FloatingPointError, match=exact(msg)):
             fastddpm.sample(model, 2, shape=(1, 4, 4), schedule=s, method=method, clip=1.0, backend=backend)
+
+
+# ------------------------------------------------------------------ fastddpm eval: files and counts
+def test_eval_reads_npy_and_refuses_what_it_cannot_judge(tmp_path, capsys):
+    from fastddpm.cli import main
+    from fastddpm.data import load_digits
+    from fastddpm.images import to_uint8_nhwc
+    from fastddpm.quality import evaluate
+
+    real = to_uint8_nhwc(load_digits("heldout")[:64])
+    np.save(tmp_path / "real.npy", real)  # a .npy of the array: read as the .npz's arr_0
+    assert main(["eval", str(tmp_path / "real.npy")]) == 0
+    assert "verdict: close to real digits (FD ratio 1.00 over 64 images each" in capsys.readouterr().out
+
+    def err(name):
+        assert main(["eval", str(tmp_path / name)]) == 2
+        out = capsys.readouterr()
+        assert "allow_pickle" not in out.err and out.err.count("\n") == 1
+        return out.err.removeprefix("fastddpm eval: error: ").rstrip("\n")
+
+    (tmp_path / "notes.npz").write_text("FD 12.9 at 297 images\n")
+    assert err("notes.npz") == (f"{str(tmp_path / 'notes.npz')!r} is not a NumPy .npz or .npy file: it looks like a "
+                                "text file (it starts with b'FD 12.9 at 297 i'); eval reads the samples.npz that "
+                                "fastddpm sample writes (uint8 NHWC images under arr_0)")
+    np.savez(tmp_path / "objects.npz", arr_0=np.array([{"x": 1}], dtype=object))
+    assert err("objects.npz") == (f"{str(tmp_path / 'objects.npz')!r} holds Python objects, not images: fastddpm "
+                                  "never unpickles files (unpickling can run arbitrary code); eval needs uint8 NHWC "
+                                  "images (N, 16, 16, 1), as fastddpm sample writes")
+    np.savez(tmp_path / "float.npz", arr_0=real.astype(np.float32) / 127.5 - 1)
+    assert err("float.npz") == (f"{str(tmp_path / 'float.npz')!r} holds float32 values; eval expects uint8 images "
+                                "(0..255, NHWC (N, 16, 16, 1)), as fastddpm sample writes; float images x in [-1, 1] "
+                                "convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8), channels last")
+    np.savez(tmp_path / "one.npz", arr_0=real[:1])
+    assert err("one.npz") == (f"{str(tmp_path / 'one.npz')!r} holds 1 image(s); eval needs at least 2 (the Frechet "
+                              "distance compares covariances) and 64 for a verdict (297 or more give a steady figure)")
+    with pytest.raises(ValueError, match=exact("images: got 1 image(s); the Frechet distance compares covariances, "
+                                               "which needs at least 2 images (and a verdict at least 64; 297 or more "
+                                               "give a steady figure)")):
+        evaluate(real[:1])
+    with pytest.raises(ValueError, match=exact("digit images must be uint8 NHWC (N, 16, 16, 1) or float (N, 1, 16, "
+                                               "16) in [-1, 1]; got dtype torch.int64")):
+        evaluate(torch.zeros(3, 1, 16, 16, dtype=torch.long))
+    # two images of noise: figures, but no verdict
+    np.savez(tmp_path / "noise.npz", arr_0=to_uint8_nhwc(torch.rand(2, 1, 16, 16) * 2 - 1))
+    assert main(["eval", str(tmp_path / "noise.npz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4] == ("verdict: none, too few images for a verdict (2 images; at least 64 are needed: with fewer the "
+                        "FD ratio does not tell noise from digits)")
+    assert evaluate(torch.rand(63, 1, 16, 16) * 2 - 1)["verdict"] == "too few images for a verdict"
