@@ -13,7 +13,8 @@ set before fastddpm.ops first launched a kernel -> the same kernels under Triton
 interpreter (how CI tests them). Otherwise -> the reference math, with a one-time notice.
 
 Extras over the reference: `out=` (a float32 buffer shaped like x_t to write into; it may
-be x_t itself) for allocation-free loops. t may be a device LongTensor (B,): no host sync
+be x_t itself, but not partly overlap an input: refused) for allocation-free loops. An empty
+batch returns empty results, as the reference does. t may be a device LongTensor (B,): no host sync
 happens inside while a CUDA graph is being captured.
 """
 from __future__ import annotations
