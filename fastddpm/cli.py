@@ -350,8 +350,10 @@ def build_parser():
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's checkpoint (with none there: a warning, and training "
-                        "starts from step 0)")
+                   help="continue from the run folder's checkpoint, as the run was configured: options not given "
+                        "are the run's own, one that contradicts the run (data, model, schedule, prediction, batch "
+                        "size, seed) is an error, and a changed --lr / --warmup / --ema-decay is said (with no "
+                        "checkpoint there: a warning, and training starts from step 0)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
