@@ -125,14 +125,17 @@ def check_out_folder(path, name="out_dir"):
 @contextlib.contextmanager
 def _folder_lock(out_dir, shards_dir):
     """Hold OUT/shards/lock exclusively (flock) for the run; the OS releases it when the process
-    ends. A second run gets a ValueError naming the holder (pid, host, start time, arguments)."""
+    ends. A second run gets a ValueError naming the holder (pid, host, start time)."""
+    import warnings
+
+    def unguarded(why):
+        warnings.warn(f"{out_dir}: {why}, so another run writing into the same folder at the same time is not "
+                      "detected; run one at a time", RuntimeWarning, stacklevel=4)
+
     try:
         import fcntl
-    except ImportError:  # not a POSIX system: no flock to guard the folder with
-        import warnings
-
-        warnings.warn(f"{out_dir}: this system has no fcntl.flock, so another run writing into the same folder at "
-                      "the same time is not detected; run one at a time", RuntimeWarning, stacklevel=3)
+    except ImportError:  # not a POSIX system
+        unguarded("this system has no fcntl.flock")
         yield
         return
     path = os.path.join(shards_dir, "lock")
@@ -147,10 +150,13 @@ def _folder_lock(out_dir, shards_dir):
                              "would mix their samples. Wait for it to finish (to complete the same set, rerun with "
                              "the same arguments afterwards: finished shards are kept), or choose another --out "
                              "folder") from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, ", ".join(f"{k} {v}" for k, v in holder.items()).encode(), 0)
+        except OSError as e:  # a file system without locks (some network mounts)
+            unguarded(f"its file system cannot lock {path} ({e})")
+        else:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, ", ".join(f"{k} {v}" for k, v in holder.items()).encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock (as does the process ending)

@@ -79,14 +79,15 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return False
 
 
-def _check_out(out, x, inputs, name="out", outputs=None):
-    """out: a float32 buffer like x, apart from every input or one of them itself (C.check_no_partial_overlap)."""
+def _check_out(out, x, inputs=None, name="out", outputs=None):
+    """out: a float32 buffer like x, apart from every input (a dict name -> tensor) or one of them itself, and
+    apart from the other outputs (C.check_no_partial_overlap)."""
     if out is None:
         return
     C.check_like(out, x, name)
     if out.dtype != torch.float32:
         raise TypeError(f"{name} must be float32 (the sampler state's dtype); got {out.dtype}")
-    C.check_no_partial_overlap(out, name, inputs, outputs)
+    C.check_no_partial_overlap(out, name, inputs or {}, outputs)
 
 
 def _empty_result(x, return_x0=False, out=None):
