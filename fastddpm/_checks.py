@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 
 import torch
 
@@ -28,9 +29,51 @@ def one_of(value, allowed, name):
 SCHEDULE_TYPE: type | None = None
 
 
-def check_schedule(s):
+def check_schedule(s, name="s"):
     if SCHEDULE_TYPE is None or not isinstance(s, SCHEDULE_TYPE):
-        raise TypeError(f"s must be a fastddpm.Schedule; got {type(s).__name__}")
+        given = repr(s) if isinstance(s, str) else type(s).__name__
+        raise TypeError(f"{name} must be a fastddpm.Schedule (e.g. fastddpm.Schedule.linear(1000)); got {given}")
+
+
+def check_schedule_fits_model(model, schedule):
+    """schedule= must be the model's own training schedule (model.fastddpm_schedule) or a respacing
+    of it: the same num_train_timesteps and the same alphas_cumprod at every timestep it keeps.
+    Another training schedule would call the model at timesteps, or noise levels, it was not
+    trained on."""
+    own = getattr(model, "fastddpm_schedule", None)
+    if schedule is None or own is None or schedule is own:
+        return
+    check_schedule(schedule, "schedule")
+    if schedule.num_train_timesteps != own.num_train_timesteps:
+        why = (f"num_train_timesteps {schedule.num_train_timesteps} against the model's {own.num_train_timesteps}: "
+               f"the model would be called at timesteps {int(schedule.timesteps[0])}.."
+               f"{int(schedule.timesteps[-1])} with other noise levels than it was trained on")
+    else:
+        own_abar = dict(zip(own.timesteps.tolist(), own.alphas_cumprod.tolist()))
+        why = None
+        for ts, a in zip(schedule.timesteps.tolist(), schedule.alphas_cumprod.tolist()):
+            b = own_abar.get(ts)
+            if b is None:
+                why = f"it runs timestep {ts}, which the model's schedule does not have"
+                break
+            if abs(a - b) > 1e-6 * b + 1e-12:
+                why = (f"alphas_cumprod at timestep {ts} is {a:.6g} against the model's {b:.6g} (other betas): "
+                       "the model would be called at other noise levels than it was trained on")
+                break
+        if why is None:
+            return  # the model's own schedule, or a respacing of it
+    raise ValueError(f"schedule={schedule!r} contradicts this model's training schedule (model.fastddpm_schedule = "
+                     f"{own!r}): {why}. Leave schedule= out (steps=k respaces the model's own; so does "
+                     "schedule=model.fastddpm_schedule.respace(k)): pass schedule= only for a model without a "
+                     "schedule of its own, or set model.fastddpm_schedule if the model was trained with this one")
+
+
+def as_int(v):
+    """A numpy (or other non-bool numbers.Integral) integer as a Python int; anything else unchanged, for the
+    caller's own check to name."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+        return int(v)
+    return v
 
 
 def check_float_tensor(x, name, min_ndim=2):
@@ -74,9 +117,10 @@ def check_t(s, t, x):
 
 
 def check_index(t, count, x, name, what, x_name="x"):
-    """An index into 0..count-1 (a step, a stage): an int, or an integer tensor () / (B,) on x's
-    device, returned as in check_t."""
+    """An index into 0..count-1 (a step, a stage): an int (numpy integers too), or an integer
+    tensor () / (B,) on x's device, returned as in check_t."""
     B = x.shape[0]
+    t = as_int(t)
     if isinstance(t, bool):
         raise TypeError(f"{name} must be an int or an integer tensor; got bool")
     if isinstance(t, int):
@@ -93,7 +137,7 @@ def check_index(t, count, x, name, what, x_name="x"):
         t = t.expand(B)
     if t.shape != (B,):
         raise ValueError(f"{name} must have shape () or ({B},) to match {x_name}'s batch; got {tuple(t.shape)}")
-    if not _capturing(t):
+    if t.numel() and not _capturing(t):  # an empty batch has nothing to check (and no min)
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= count:
             raise ValueError(f"{name} must hold {what} indices in 0..{count - 1}; got values in [{lo}, {hi}]")
@@ -143,6 +187,62 @@ def check_noise_source(noise, seed, x, needs_noise, name="noise"):
         raise ValueError(f"{name} is required (or seed= to draw it from the counter-based stream)")
 
 
+def check_step_args(s, x_t, t, model_output, noise, *, ddim, eta, prediction, variance, clip, seed, sample_offset,
+                    use_clipped_model_output):
+    """Validate one DDPM (ddim=False) or DDIM step's arguments: one validator for the reference
+    (fastddpm.diffusion) and the fused op (fastddpm.ops), as fastddpm.dpm_solver.check_dpm_step_args
+    is for DPM-Solver++. Returns (t, eta, clip) normalised (see check_t, check_eta, check_clip)."""
+    check_schedule(s)
+    check_float_tensor(x_t, "x_t")
+    one_of(prediction, PREDICTIONS, "prediction")
+    one_of(variance, VARIANCES, "variance")
+    eta = check_eta(eta)
+    clip = check_clip(clip)
+    check_bool(use_clipped_model_output, "use_clipped_model_output")
+    t = check_t(s, t, x_t)
+    check_model_output(model_output, x_t, variance)
+    at_zero = isinstance(t, int) and t == 0
+    check_noise_source(noise, seed, x_t, needs_noise=not at_zero and (not ddim or eta > 0))
+    check_sample_offset(sample_offset)
+    if sample_offset + x_t.shape[0] > 2**32:
+        raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x_t.shape[0]}")
+    return t, eta, clip
+
+
+def _byte_range(x):
+    """[first, last] byte addresses x can touch (its storage span), or None for an empty tensor."""
+    if x.numel() == 0:
+        return None
+    first = x.data_ptr() + x.element_size() * sum((n - 1) * st for n, st in zip(x.shape, x.stride()) if st < 0)
+    last = x.data_ptr() + x.element_size() * (sum((n - 1) * st for n, st in zip(x.shape, x.stride()) if st > 0) + 1)
+    return first, last - 1
+
+
+def check_no_partial_overlap(out, name, inputs, outputs=None):
+    """out may be one of `inputs` itself (the same memory, element for element: an in-place update)
+    or memory apart from all of them; a partial overlap would let a kernel read elements it has
+    already overwritten, so it is refused. inputs: {argument name: tensor or None}; outputs: other
+    buffers the same call writes, which must be apart from out altogether."""
+    if out is None:
+        return
+    mine = _byte_range(out)
+    for other_name, y in {**inputs, **(outputs or {})}.items():
+        if y is None or y.device != out.device or mine is None:
+            continue
+        theirs = _byte_range(y)
+        if theirs is None or theirs[1] < mine[0] or mine[1] < theirs[0]:
+            continue
+        if other_name in (outputs or {}):
+            raise ValueError(f"{name} and {other_name} share memory; the op writes both: pass two separate buffers")
+        if y.data_ptr() == out.data_ptr() and y.shape == out.shape and y.stride() == out.stride() \
+                and y.dtype == out.dtype:
+            continue  # the same elements: the in-place update the ops support
+        raise ValueError(f"{name} partly overlaps {other_name} in memory (it shares some elements, not the same "
+                         f"elements: {name} at byte offset {out.data_ptr() - y.data_ptr():+d} from {other_name}, "
+                         f"shape {tuple(out.shape)}); pass {name}={other_name} itself for an in-place update, or a "
+                         "separate buffer")
+
+
 def check_sample_offset(sample_offset):
     if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or not 0 <= sample_offset < 2**32:
         raise ValueError(f"sample_offset must be an int in [0, 2**32); got {sample_offset!r}")
@@ -155,6 +255,9 @@ def check_device(device, name="device"):
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r} ({e})") from None
+    if dev.type == "meta":
+        raise ValueError(f"{name}={str(device)!r} is torch's placeholder device, which holds no values; pass a device "
+                         f"that computes, such as {name}='cpu' or {name}='cuda'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name}={str(device)!r} but CUDA is not available on this machine "

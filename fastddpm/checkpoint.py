@@ -4,7 +4,8 @@ A run folder holds
   checkpoint.safetensors  everything needed to resume: model, EMA, AdamW state, global RNG
                           state, and (metadata) the step count and the configs
   model.safetensors       the EMA weights and the configs: what `fastddpm.load` returns
-  log.jsonl               one JSON line per log interval (loss, lr, images/s)
+  log.jsonl               one JSON line per log interval (loss, lr, images/s); a resumed run that
+                          changed a tunable option adds {"step", "changed": {option: [was, now]}}
 Each file is written to a temporary name in the same folder, fsync'ed and renamed over
 the old one, so a kill at any moment leaves either the old file or the new one.
 """
@@ -99,6 +100,23 @@ def read(path: str, device="cpu"):
         raise ValueError(f"{path!r} is a safetensors file but not a fastddpm checkpoint (format="
                          f"{meta.get('format')!r}); for diffusers weights use fastddpm.compat.load_diffusers_unet")
     return tensors, meta
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata of a fastddpm safetensors file, without reading its tensors (the same checks as `read`)."""
+    why = _sniff(path)
+    if why is not None:
+        raise ValueError(why)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path!r} is a truncated or corrupt safetensors file ({e}); copy or write it "
+                         "again") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is a safetensors file but not a fastddpm checkpoint (format="
+                         f"{meta.get('format')!r})")
+    return meta
 
 
 def schedule_meta(kind: str, num_timesteps: int) -> str:

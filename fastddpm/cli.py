@@ -117,8 +117,9 @@ def _sample(model, a, backend=None, progress=True):
 
 def cmd_sample(a):
     """One process, or one rank of `torchrun -m fastddpm sample`: shards, then rank 0 assembles."""
-    from .distributed import init_process_group, sample_to_folder
+    from .distributed import check_out_folder, init_process_group, sample_to_folder
 
+    check_out_folder(a.out, "--out")
     if a.device is not None:
         _device(a.device)
     rank, world, device = init_process_group()
@@ -204,27 +205,88 @@ def cmd_train(a):
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay, seed=a.seed,
                       ckpt_every=a.ckpt_every, ckpt_minutes=a.ckpt_minutes, log_every=a.log_every, device=a.device,
                       compile=a.compile, progress=not a.no_progress, warmup=a.warmup)
+    if a.resume:
+        cfg = _resumed_config(cfg, a.given)
     try:
         out = train(cfg, resume=a.resume)
     finally:
         _leave_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"trained to step {a.steps}: {os.path.join(out, 'model.safetensors')} (sample it with "
+        print(f"trained to step {cfg.steps}: {os.path.join(out, 'model.safetensors')} (sample it with "
           f"`fastddpm sample --checkpoint {out} --n 64 --out DIR`)")
 
 
-def cmd_eval(a):
+def _resumed_config(cfg, given):
+    """`train --resume`: the options not written on the command line are the run's own (from its
+    checkpoint), not the command line's defaults; written ones are checked against the run by train()."""
+    from dataclasses import replace
+
+    from .train import RESUMED_OPTIONS, checkpoint_config
+
+    stored = checkpoint_config(cfg.out)
+    if stored is None:
+        return cfg
+    old = stored[1]
+    return replace(cfg, **{k: old[k] for k in RESUMED_OPTIONS if k in old and k not in given})
+
+
+def _given_options(cmd, argv):
+    """The destinations of the options written on the command line of subcommand `cmd` (defaults excluded)."""
+    p = build_parser()
+    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction)).choices[cmd]
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def _read_samples(path):
+    """The uint8 NHWC images that `fastddpm sample` writes: arr_0 of a .npz, or the array of a .npy.
+    Nothing is unpickled: a file holding Python objects is refused."""
+    import zipfile
+
     import numpy as np
 
-    from .quality import evaluate
+    from .quality import MIN_FOR_VERDICT
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head.startswith((b"PK\x03\x04", b"\x93NUMPY")):
+        text = head.isascii() and all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+        raise ValueError(f"{path!r} is not a NumPy .npz or .npy file: it looks like "
+                         f"{'a text file' if text else 'a file of another format'} (it starts with {head!r}); eval "
+                         "reads the samples.npz that fastddpm sample writes (uint8 NHWC images under arr_0)")
+    try:
+        if head.startswith(b"\x93NUMPY"):  # a .npy: one array
+            arr = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as f:
+                if "arr_0" not in f:
+                    raise SystemExit(f"fastddpm eval: {path!r} has no 'arr_0' array (keys: {list(f.keys())})")
+                arr = f["arr_0"]
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"{path!r} is a damaged NumPy file ({e}); write it again") from None
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise ValueError(f"{path!r} is a damaged NumPy file ({e}); write it again") from None
+        raise ValueError(f"{path!r} holds Python objects, not images: fastddpm never unpickles files (unpickling "
+                         "can run arbitrary code); eval needs uint8 NHWC images (N, 16, 16, 1), as fastddpm sample "
+                         "writes") from None
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{path!r} holds {arr.dtype} values; eval expects uint8 images (0..255, NHWC (N, 16, 16, 1)), "
+                         "as fastddpm sample writes; float images x in [-1, 1] convert with "
+                         "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8), channels last")
+    if arr.ndim == 4 and len(arr) < 2:
+        raise ValueError(f"{path!r} holds {len(arr)} image(s); eval needs at least 2 (the Frechet distance compares "
+                         f"covariances) and {MIN_FOR_VERDICT} for a verdict (297 or more give a steady figure)")
+    return arr
+
+
+def cmd_eval(a):
+    from .quality import MIN_FOR_VERDICT, TOO_FEW, evaluate
 
     if not os.path.isfile(a.samples):
         raise SystemExit(f"fastddpm eval: no file {a.samples!r}")
-    with np.load(a.samples) as f:
-        if "arr_0" not in f:
-            raise SystemExit(f"fastddpm eval: {a.samples!r} has no 'arr_0' array (keys: {list(f.keys())})")
-        arr = f["arr_0"]
-    res = evaluate(arr)
+    res = evaluate(_read_samples(a.samples))
     if a.json:
         print(json.dumps(res))
         return
@@ -235,8 +297,12 @@ def cmd_eval(a):
     print(f"{'':<30}{'samples':>10}{'held-out real':>16}")
     print(f"{f'FD, {k} images each':<30}{s['fd_common']:>10.2f}{r['fd_common']:>16.2f}")
     print(f"{'FD ratio (samples / real)':<30}{res['fd_ratio']:>10.2f}")
-    print(f"verdict: {res['verdict']} (FD ratio {res['fd_ratio']:.2f} over {k} images each; 1 = as good as real "
-          "digits)")
+    if res["verdict"] == TOO_FEW:
+        print(f"verdict: none, {TOO_FEW} ({k} images; at least {MIN_FOR_VERDICT} are needed: with fewer the FD ratio "
+              "does not tell noise from digits)")
+    else:
+        print(f"verdict: {res['verdict']} (FD ratio {res['fd_ratio']:.2f} over {k} images each; 1 = as good as "
+              "real digits)")
     if s["n"] != r["n"]:
         print(f"{'FD, all images':<30}{s['fd']:>10.2f}{r['fd']:>16.2f}   ({s['n']} vs {r['n']} images)")
         print(f"  warning: FDs over different numbers of images do not compare (FD grows as the count shrinks): "
@@ -306,13 +372,15 @@ def build_parser():
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's checkpoint (with none there: a warning, and training "
-                        "starts from step 0)")
+                   help="continue from the run folder's checkpoint, as the run was configured: options not given "
+                        "are the run's own, one that contradicts the run (data, model, schedule, prediction, batch "
+                        "size, seed) is an error, and a changed --lr / --warmup / --ema-decay is said (with no "
+                        "checkpoint there: a warning, and training starts from step 0)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="quality figures for digit samples, real held-out digits beside them")
-    e.add_argument("samples", help="a samples.npz (uint8 NHWC under arr_0)")
+    e.add_argument("samples", help="a samples.npz (uint8 NHWC under arr_0), or a .npy of such an array")
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
     e.set_defaults(func=cmd_eval)
     return p
@@ -322,6 +390,8 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.cmd == "train" and a.model is None:
         a.model = "mlp" if a.data in ("moons", "gaussians") else "digits-16"
+    if a.cmd == "train":
+        a.given = _given_options("train", argv)
     try:
         a.func(a)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as e:

@@ -165,15 +165,9 @@ def ddpm_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
     draw sample b's noise from the stream at (seed, sample_offset + b, tag=t[b]).
     Returns x_{t-1} float32 (and the clipped predicted x0 if return_x0).
     """
-    C.check_schedule(s)
-    C.check_float_tensor(x_t, "x_t")
-    C.one_of(prediction, C.PREDICTIONS, "prediction")
-    C.one_of(variance, C.VARIANCES, "variance")
-    clip = C.check_clip(clip)
-    t = C.check_t(s, t, x_t)
-    C.check_model_output(model_output, x_t, variance)
-    C.check_noise_source(noise, seed, x_t, needs_noise=not (isinstance(t, int) and t == 0))
-    C.check_sample_offset(sample_offset)
+    t, _, clip = C.check_step_args(s, x_t, t, model_output, noise, ddim=False, eta=0.0, prediction=prediction,
+                                   variance=variance, clip=clip, seed=seed, sample_offset=sample_offset,
+                                   use_clipped_model_output=False)
 
     eps_or_x0, v = _split_learned(model_output, x_t, variance)
     x0 = predict_x0(s, x_t, t, eps_or_x0, prediction)
@@ -200,17 +194,10 @@ def ddim_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
     improved-diffusion, denoising-diffusion-pytorch and diffusers' option of that name do.
     Shapes and noise as in `ddpm_step`; returns float32 x_{t-1} (and x0 if return_x0).
     """
-    C.check_schedule(s)
-    C.check_float_tensor(x_t, "x_t")
-    C.one_of(prediction, C.PREDICTIONS, "prediction")
-    eta = C.check_eta(eta)
-    clip = C.check_clip(clip)
-    C.check_bool(use_clipped_model_output, "use_clipped_model_output")
-    t = C.check_t(s, t, x_t)
-    C.check_model_output(model_output, x_t, "fixed_small")
+    t, eta, clip = C.check_step_args(s, x_t, t, model_output, noise, ddim=True, eta=eta, prediction=prediction,
+                                     variance="fixed_small", clip=clip, seed=seed, sample_offset=sample_offset,
+                                     use_clipped_model_output=use_clipped_model_output)
     adds_noise = eta > 0 and not (isinstance(t, int) and t == 0)
-    C.check_noise_source(noise, seed, x_t, needs_noise=adds_noise)
-    C.check_sample_offset(sample_offset)
 
     x0 = predict_x0(s, x_t, t, model_output, prediction)
     if clip is not None:

@@ -12,12 +12,21 @@ started again with the same arguments skips the shards that exist, and a manifes
 with the first shard: a run that wrote none claims nothing) refuses a restart with different
 arguments. Progress: one bar, per sampling step, on rank 0. Rank 0 then writes OUT/samples.npz (exactly N samples
 in index order), OUT/grid.png and OUT/shards/index.json (which samples each shard holds).
+
+One run at a time per folder: rank 0 holds an exclusive lock on OUT/shards/lock (flock, with its
+pid, host and start time written inside) from before the manifest check to the end of the run;
+the other ranks wait for it on the barrier. A second run into the same folder fails at once,
+before sampling, naming the run that holds it. The operating system releases the lock when its
+process ends, however it ends, so a killed run's folder is resumed by the same command.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -25,7 +34,7 @@ import torch.distributed as dist
 
 from .images import grid, save_png, to_uint8_nhwc
 
-__all__ = ["world_info", "init_process_group", "barrier", "sample_to_folder"]
+__all__ = ["world_info", "init_process_group", "barrier", "sample_to_folder", "check_out_folder"]
 
 
 def world_info() -> tuple[int, int, int]:
@@ -101,6 +110,58 @@ def _claim(shards_dir, manifest):
     os.replace(tmp, path)
 
 
+def check_out_folder(path, name="out_dir"):
+    """path must be a folder, or not exist yet (it is created): never a file."""
+    path = os.fspath(path)
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe.rstrip(os.sep))
+    if probe and not os.path.isdir(probe):
+        what = "is a file" if probe == path else f"is inside {probe!r}, which is a file"
+        raise ValueError(f"{name}={path!r} {what}: it must be a folder (it receives samples.npz, grid.png and "
+                         "shards/); pass a folder path")
+
+
+@contextlib.contextmanager
+def _folder_lock(out_dir, shards_dir):
+    """Hold OUT/shards/lock exclusively (flock) for the run; the OS releases it when the process
+    ends. A second run gets a ValueError naming the holder (pid, host, start time)."""
+    import warnings
+
+    def unguarded(why):
+        warnings.warn(f"{out_dir}: {why}, so another run writing into the same folder at the same time is not "
+                      "detected; run one at a time", RuntimeWarning, stacklevel=4)
+
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        unguarded("this system has no fcntl.flock")
+        yield
+        return
+    path = os.path.join(shards_dir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path) as f:
+                holder = f.read().strip() or "a run that has not written its details yet"
+            raise ValueError(f"{out_dir} is in use by another fastddpm sample run ({holder}): two runs into one folder "
+                             "would mix their samples. Wait for it to finish (to complete the same set, rerun with "
+                             "the same arguments afterwards: finished shards are kept), or choose another --out "
+                             "folder") from None
+        except OSError as e:  # a file system without locks (some network mounts)
+            unguarded(f"its file system cannot lock {path} ({e})")
+        else:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, ", ".join(f"{k} {v}" for k, v in holder.items()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock (as does the process ending)
+
+
 def _steps_bar(model, kw, shard_lengths, rank, world):
     """A tqdm bar over the sampling steps of this rank's shards (per step, not per shard)."""
     import math
@@ -125,17 +186,25 @@ def sample_to_folder(model, n: int, out_dir: str, *, shard_size: int, rank: int 
                      manifest: dict | None = None, progress: bool = False, **sample_kwargs) -> str | None:
     """Sample n images into out_dir in shards (see module docstring). Seed mode only.
     Returns the path of samples.npz on rank 0 (None on other ranks)."""
-    from .sampler import sample
-
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive int; got {n!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
         raise ValueError(f"shard_size must be a positive int; got {shard_size!r}")
     if sample_kwargs.get("generator") is not None:
         raise ValueError("sharded sampling needs seed= noise (generator= draws depend on the batch order)")
+    check_out_folder(out_dir)
     shards_dir = os.path.join(out_dir, "shards")
-    os.makedirs(shards_dir, exist_ok=True)
-    manifest = {**(manifest or {}), "n": n, "shard_size": shard_size}
+    if rank == 0:
+        os.makedirs(shards_dir, exist_ok=True)
+    with _folder_lock(out_dir, shards_dir) if rank == 0 else contextlib.nullcontext():
+        barrier()  # rank 0 holds the folder: the other ranks wait here
+        return _sample_shards(model, n, out_dir, shards_dir, shard_size, rank, world,
+                              {**(manifest or {}), "n": n, "shard_size": shard_size}, progress, sample_kwargs)
+
+
+def _sample_shards(model, n, out_dir, shards_dir, shard_size, rank, world, manifest, progress, sample_kwargs):
+    from .sampler import sample
+
     _check_manifest(shards_dir, manifest)
     barrier()  # every rank has checked before any rank claims the folder
     ranges = [(k, s, min(s + shard_size, n)) for k, s in enumerate(range(0, n, shard_size))]

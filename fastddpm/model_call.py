@@ -72,7 +72,9 @@ def _resolve_shape(model, shape):
         if configured is None:
             raise ValueError("shape is required for this model: pass shape=(C, H, W)")
         return configured
-    shape = tuple(shape)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise ValueError(f"shape must be a tuple of positive ints (C, H, W), e.g. (3, 32, 32); got {shape!r}")
+    shape = tuple(C.as_int(d) for d in shape)
     if len(shape) < 1 or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape):
         raise ValueError(f"shape must be a tuple of positive ints (C, H, W); got {shape!r}")
     if configured is not None and shape != configured:

@@ -13,7 +13,8 @@ set before fastddpm.ops first launched a kernel -> the same kernels under Triton
 interpreter (how CI tests them). Otherwise -> the reference math, with a one-time notice.
 
 Extras over the reference: `out=` (a float32 buffer shaped like x_t to write into; it may
-be x_t itself) for allocation-free loops. t may be a device LongTensor (B,): no host sync
+be x_t itself, but not partly overlap an input: refused) for allocation-free loops. An empty
+batch returns empty results, as the reference does. t may be a device LongTensor (B,): no host sync
 happens inside while a CUDA graph is being captured.
 """
 from __future__ import annotations
@@ -78,12 +79,21 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return False
 
 
-def _check_out(out, x):
+def _check_out(out, x, inputs=None, name="out", outputs=None):
+    """out: a float32 buffer like x, apart from every input (a dict name -> tensor) or one of them itself, and
+    apart from the other outputs (C.check_no_partial_overlap)."""
     if out is None:
         return
-    C.check_like(out, x, "out")
+    C.check_like(out, x, name)
     if out.dtype != torch.float32:
-        raise TypeError(f"out must be float32 (the sampler state's dtype); got {out.dtype}")
+        raise TypeError(f"{name} must be float32 (the sampler state's dtype); got {out.dtype}")
+    C.check_no_partial_overlap(out, name, inputs or {}, outputs)
+
+
+def _empty_result(x, return_x0=False, out=None):
+    """What the reference returns for an empty batch: empty float32 tensors (out itself when given)."""
+    res = out if out is not None else torch.empty_like(x, dtype=torch.float32)
+    return (res, torch.empty_like(x, dtype=torch.float32)) if return_x0 else res
 
 
 def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed: int | None = None,
@@ -96,7 +106,7 @@ def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed:
     C.check_sample_offset(sample_offset)
     if sample_offset + x0.shape[0] > 2**32:
         raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x0.shape[0]}")
-    if not _use_kernels(x0):
+    if not _use_kernels(x0) or x0.shape[0] == 0:  # an empty batch: the reference's empty result, no launch
         return diffusion.q_sample(s, x0, t, noise, seed=seed, sample_offset=sample_offset)
     q_mod, _ = _load_kernels()
     return q_mod.q_sample_forward(s, x0, t, noise, seed, sample_offset)
@@ -104,21 +114,12 @@ def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed:
 
 def _step(ref_fn, s, x_t, t, model_output, noise, *, ddim, eta, prediction, variance, clip, seed,
           sample_offset, return_x0, out, use_clipped_model_output=False):
-    C.check_schedule(s)
-    C.check_float_tensor(x_t, "x_t")
-    C.one_of(prediction, C.PREDICTIONS, "prediction")
-    C.one_of(variance, C.VARIANCES, "variance")
-    eta = C.check_eta(eta)
-    clip = C.check_clip(clip)
-    C.check_bool(use_clipped_model_output, "use_clipped_model_output")
-    t = C.check_t(s, t, x_t)
-    C.check_model_output(model_output, x_t, variance)
-    at_zero = isinstance(t, int) and t == 0
-    C.check_noise_source(noise, seed, x_t, needs_noise=not at_zero and (not ddim or eta > 0))
-    C.check_sample_offset(sample_offset)
-    if sample_offset + x_t.shape[0] > 2**32:
-        raise ValueError(f"sample_offset + batch must not exceed 2**32; got {sample_offset} + {x_t.shape[0]}")
-    _check_out(out, x_t)
+    t, eta, clip = C.check_step_args(s, x_t, t, model_output, noise, ddim=ddim, eta=eta, prediction=prediction,
+                                     variance=variance, clip=clip, seed=seed, sample_offset=sample_offset,
+                                     use_clipped_model_output=use_clipped_model_output)
+    _check_out(out, x_t, {"x_t": x_t, "model_output": model_output, "noise": noise})
+    if x_t.shape[0] == 0:
+        return _empty_result(x_t, return_x0, out)
     if not _use_kernels(x_t):
         kw = dict(eta=eta, use_clipped_model_output=use_clipped_model_output) if ddim else dict(variance=variance)
         res = ref_fn(s, x_t, t, model_output, noise, prediction=prediction, clip=clip, seed=seed,
@@ -166,11 +167,12 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
     themselves (the loop's in-place update)."""
     t, clip = dpm_solver.check_dpm_step_args(s, x_t, t, model_output, prev_x0, noise, method, order, solver_type,
                                              prediction, clip, seed, sample_offset)
-    _check_out(out, x_t)
-    if x0_out is not None:
-        C.check_like(x0_out, x_t, "x0_out")
-        if x0_out.dtype != torch.float32:
-            raise TypeError(f"x0_out must be float32; got {x0_out.dtype}")
+    inputs = {"x_t": x_t, "model_output": model_output, "prev_x0": prev_x0, "noise": noise}
+    _check_out(out, x_t, inputs, outputs={"x0_out": x0_out})
+    _check_out(x0_out, x_t, inputs, "x0_out")
+    if x_t.shape[0] == 0:
+        x0 = x0_out if x0_out is not None else torch.empty_like(x_t, dtype=torch.float32)
+        return _empty_result(x_t, out=out), x0
     kw = dict(method=method, order=order, solver_type=solver_type, prediction=prediction, clip=clip)
     if not _use_kernels(x_t):
         x, x0 = diffusion.dpm_solver_step(s, x_t, t, model_output, prev_x0, noise, seed=seed,
@@ -194,15 +196,19 @@ def sigma_step(plan, x: torch.Tensor, k, model_output: torch.Tensor, history=(),
     from . import karras
 
     k, history = karras.check_sigma_step_args(plan, x, k, model_output, history, noise, seed, sample_offset)
-    _check_out(out, x)
+    inputs = {"x": x, "model_output": model_output, "noise": noise,
+              **{f"history[{j}]": h for j, h in enumerate(history)}}
     if history_out is not None:
         history_out = tuple(history_out)
         if len(history_out) != len(history):
             raise ValueError(f"history_out must hold {len(history)} tensors like x; got {len(history_out)}")
-        for j, h in enumerate(history_out):
-            C.check_like(h, x, f"history_out[{j}]")
-            if h.dtype != torch.float32:
-                raise TypeError(f"history_out[{j}] must be float32; got {h.dtype}")
+    outs = {f"history_out[{j}]": h for j, h in enumerate(history_out or ())}
+    _check_out(out, x, inputs, outputs=outs)
+    for j, h in enumerate(history_out or ()):
+        _check_out(h, x, inputs, f"history_out[{j}]", outputs={n: o for n, o in outs.items() if o is not h})
+    if x.shape[0] == 0:  # what the reference returns for an empty batch
+        return _empty_result(x, out=out), tuple(history_out or (torch.empty_like(h, dtype=torch.float32)
+                                                                 for h in history))
     if not _use_kernels(x):
         x_next, hist = karras.sigma_step(plan, x, k, model_output, history, noise, seed=seed,
                                          sample_offset=sample_offset)

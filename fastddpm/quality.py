@@ -6,7 +6,8 @@ fastddpm/assets/digits-classifier.safetensors), the reference statistics being t
 the training split. Also the classifier's mean confidence (max softmax) and the class
 histogram. The same figures for the 297 held-out real digits give the floor to compare
 against; FD is biased upwards for small sets, so samples and real digits are also scored
-over the same count (min(N, 297)), and the ratio of those two FDs gives a verdict.
+over the same count (min(N, 297)), and the ratio of those two FDs gives a verdict (from 64
+images on: below that the ratio does not tell noise from digits).
 Classifier confidence is not a quality score: it is high on many non-digits.
 """
 from __future__ import annotations
@@ -85,11 +86,15 @@ def to_model_space(images) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if images.dtype == torch.uint8:
-        if images.ndim != 4 or images.shape[-1] != 1:
-            raise ValueError(f"uint8 digit images must be NHWC with 1 channel; got shape {tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[1:] != (16, 16, 1):
+            raise ValueError(f"uint8 digit images must be NHWC (N, 16, 16, 1); got shape {tuple(images.shape)}")
         images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    elif not images.is_floating_point():
+        raise ValueError(f"digit images must be uint8 NHWC (N, 16, 16, 1) or float (N, 1, 16, 16) in [-1, 1]; got "
+                         f"dtype {images.dtype}")
     if images.ndim != 4 or images.shape[1:] != (1, 16, 16):
-        raise ValueError(f"digit images must be (N, 1, 16, 16) (or uint8 (N, 16, 16, 1)); got {tuple(images.shape)}")
+        raise ValueError(f"float digit images must be (N, 1, 16, 16) in [-1, 1] (or uint8 NHWC (N, 16, 16, 1)); got "
+                         f"shape {tuple(images.shape)}")
     return images.float()
 
 
@@ -119,7 +124,16 @@ VERDICTS = ((1.5, "close to real digits"), (3.0, "digit-like, but clearly worse 
             (10.0, "poor: few samples look like real digits"), (float("inf"), "not digits (as far off as noise)"))
 
 
-def verdict(ratio: float) -> str:
+# Fewer images than this give no verdict: with 32-d features the FD ratio does not tell noise from
+# digits below it (uniform noise measured 0.76 at 2 images, 2.5 at 10, 6.5 at 33, 16.6 at 64).
+MIN_FOR_VERDICT = 64
+TOO_FEW = "too few images for a verdict"
+
+
+def verdict(ratio: float, n: int = MIN_FOR_VERDICT) -> str:
+    """The verdict of an FD ratio taken over n images each (TOO_FEW below MIN_FOR_VERDICT images)."""
+    if n < MIN_FOR_VERDICT:
+        return TOO_FEW
     return next(text for bound, text in VERDICTS if ratio <= bound)
 
 
@@ -130,11 +144,14 @@ def evaluate(images) -> dict:
     clf = load_classifier()
     ref = clf.features(load_digits("train"))
     x = to_model_space(images)
+    if len(x) < 2:
+        raise ValueError(f"images: got {len(x)} image(s); the Frechet distance compares covariances, which needs at "
+                         f"least 2 images (and a verdict at least {MIN_FOR_VERDICT}; 297 or more give a steady figure)")
     n_common = min(len(x), 297)
     res = {"samples": digit_figures(x, clf, ref, n_common),
            "heldout_real": digit_figures(load_digits("heldout"), clf, ref, n_common)}
     res["fd_ratio"] = res["samples"]["fd_common"] / res["heldout_real"]["fd_common"]
-    res["verdict"] = verdict(res["fd_ratio"])
+    res["verdict"] = verdict(res["fd_ratio"], n_common)
     return res
 
 

@@ -16,8 +16,9 @@ one fused Triton kernel per step), "graph" (the fused loop replayed from capture
 graphs, see fastddpm.graphs), "auto" (graph on CUDA, fused when capture fails or with
 generator=, reference on the CPU).
 
-No host synchronisation inside the loop: non-finite values are tracked in a device-side
-flag holding the first bad step, read once per batch (once per call for graph batches).
+No host synchronisation inside the loop: non-finite values, in the model's output (which
+clipping would otherwise hide) or in the state, are tracked in a device-side flag holding the
+first bad step, read once per batch (once per call for graph batches).
 
 How the model is called (its shape, device, dtype and layout; casts, autocast, compile=True):
 fastddpm.model_call.
@@ -42,7 +43,7 @@ __all__ = ["sample", "model_evaluations", "call_model", "resolve_backend", "make
 def _resolve_schedule(model, schedule, steps, method="ddpm"):
     if schedule is None:
         schedule = getattr(model, "fastddpm_schedule", None) or Schedule.linear(1000)
-    C.check_schedule(schedule)
+    C.check_schedule(schedule, "schedule")
     if methods.get(method).family == "sigma":  # the noise levels come from sigmas=; the model's timesteps from s
         if not torch.equal(schedule.timesteps, torch.arange(schedule.num_train_timesteps)):
             raise ValueError(f"method={method!r} runs on continuous noise levels and needs the model's TRAINING "
@@ -171,6 +172,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     sample_offset: seed mode only: return samples sample_offset .. sample_offset + n - 1 of the
         seed's stream (sample i is the same image in any call; see fastddpm.distributed).
     """
+    n, steps, batch_size, seed, sample_offset = map(C.as_int, (n, steps, batch_size, seed, sample_offset))
     m = methods.get(method)
     mopts = methods.resolve(method, eta=eta, variance=variance, order=order, solver_type=solver_type,
                             use_clipped_model_output=use_clipped_model_output, self_condition=self_condition,
@@ -181,6 +183,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     clip = C.check_clip(m.clip if isinstance(clip, str) and clip == "auto" else clip)
     C.check_self_condition(model, mopts.get("self_condition", False))
     shape = _resolve_shape(model, shape)
+    C.check_schedule_fits_model(model, schedule)
     s = _resolve_schedule(model, schedule, steps, m.name)
     opts = _loop_options(model, m, mopts, s, steps, prediction, clip)
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
@@ -431,7 +434,7 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
                     x, x0 = x
         if cond:
             cond = (x0,)
-        bad = ~torch.isfinite(x).all()
+        bad = ~(torch.isfinite(x).all() & torch.isfinite(mo).all())  # clipping can hide a non-finite output
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, i), first_bad)
         if bar is not None:
             bar.update(1)
@@ -443,13 +446,14 @@ def _raise_if_bad(i, s, start, plan=None):
     if i >= 0 and plan is not None:  # a sigma method's flag counts stages left
         k = plan.nfe - 1 - i
         raise FloatingPointError(
-            f"non-finite values appeared in the sampler state at model evaluation {k} of {plan.nfe} (sigma "
-            f"{float(plan.sigma[k]):.4g}) in the batch starting at sample {start}: check the model's output and dtype")
+            f"non-finite values (NaN or inf) appeared at model evaluation {k} of {plan.nfe} (sigma "
+            f"{float(plan.sigma[k]):.4g}) in the batch starting at sample {start}, in the model's output or the "
+            "sampler state: check the model's output and dtype")
     if i >= 0:
         raise FloatingPointError(
-            f"non-finite values appeared in the sampler state at step {i} (timestep {int(s.timesteps[i])}) "
-            f"in the batch starting at sample {start}: check the model's output and dtype")
-
+            f"non-finite values (NaN or inf) appeared at step {i} (timestep {int(s.timesteps[i])}) in the batch "
+            f"starting at sample {start}, in the model's output or the sampler state: check the model's output "
+            "and dtype")
 
 
 def _sample_sigma_batch(forward, s, shape, start, seed, generator, device, model_dtype, opts, bar, backend,
@@ -494,7 +498,7 @@ def _sample_sigma_batch(forward, s, shape, start, seed, generator, device, model
             if generator is not None and bool(plan.draw[k]) else None
         with torch.no_grad():
             x, hist = step(plan, x, k, mo, hist, noise, **kw)
-        bad = ~torch.isfinite(x).all()
+        bad = ~(torch.isfinite(x).all() & torch.isfinite(mo).all())  # clipping can hide a non-finite output
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, plan.nfe - 1 - k), first_bad)
         if bar is not None:
             bar.update(1)

@@ -23,6 +23,20 @@ the defaults it scores better than the raw weights (README), where the usual
 (1 + k) / (10 + k) counted from step 0 averaged over the fast early moves and lagged behind
 them (FD 145 against 134).
 
+Resuming (resume=True, `--resume`) continues the run as it was configured; the checkpoint's
+configuration is compared with the one given, before any work:
+- options that define the run are errors naming both values when they differ: data, model
+  (preset, and model_overrides), schedule, num_timesteps, prediction, batch_size, seed (and the
+  model built from them must have the checkpoint's model_config): changing one would switch the
+  objective, the data or the random stream mid-run, or not fit the saved weights;
+- tunable options may change, and each change is said on stderr and in log.jsonl: lr,
+  weight_decay, warmup, grad_clip, ema_decay;
+- the rest say how and how long to run, and change silently: steps, ckpt_every, ckpt_minutes,
+  log_every, device, bf16, compile, progress.
+`fastddpm train --resume` takes every option it is not given from the checkpoint (the defaults
+of the command line do not count as given). steps at or below the run's step trains nothing and
+changes no file: below, it is an error saying the run is already past it; equal, a note.
+
 Under torchrun (K processes) the model is wrapped in DistributedDataParallel: every rank
 draws the same global batch of indices and t and keeps its contiguous slice, and its noise
 is keyed by the global sample index, so K processes make exactly the update one process
@@ -216,6 +230,64 @@ class _StopOnSignal:
         signal.raise_signal(self.signum)
 
 
+RUN_OPTIONS = ("data", "model", "model_overrides", "schedule", "num_timesteps", "prediction", "batch_size", "seed")
+TUNABLE_OPTIONS = ("lr", "weight_decay", "warmup", "grad_clip", "ema_decay")
+RESUMED_OPTIONS = RUN_OPTIONS + TUNABLE_OPTIONS + ("steps", "ckpt_every", "ckpt_minutes", "log_every")
+
+
+def checkpoint_config(out: str):
+    """(step, configuration dict) of the checkpoint in run folder `out`, or None without one."""
+    path = os.path.join(out, ckpt.CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    meta = ckpt.read_metadata(path)
+    return int(meta["step"]), {**json.loads(meta.get("config", "{}")), "model_config": meta.get("model_config")}
+
+
+def _flag(name, value):
+    return f"--{name.replace('_', '-')} {value}" if name != "model_overrides" else "model_overrides (Python only)"
+
+
+def _check_resume(cfg, rank) -> tuple[bool, dict]:
+    """Compare cfg with the checkpoint's configuration (see the module docstring). Returns (done,
+    changes): done when the run is already at cfg.steps (nothing to do), changes {option: [was,
+    now]} of the tunable options. Raises ValueError for a contradiction or steps below the run's."""
+    step, old = checkpoint_config(cfg.out)
+    new = json.loads(json.dumps(asdict(cfg)))  # as stored: tuples become lists
+    bad = [k for k in RUN_OPTIONS if k in old and old[k] != new[k]]
+    if bad:
+        given = ", ".join(f"{k}={new[k]!r} (the run's: {old[k]!r})" for k in bad)
+        fix = ", ".join(f"{k}={old[k]!r} ({_flag(k, old[k])})" for k in bad)
+        raise ValueError(f"resume=True (--resume) continues the run in {cfg.out!r} as it was configured, but {given} "
+                         f"contradict{'s' if len(bad) == 1 else ''} its checkpoint (step {step}); pass {fix} or leave "
+                         "them out on the command line, or train a new run into another out folder")
+    if cfg.steps < step:
+        raise ValueError(f"steps={cfg.steps} but the run in {cfg.out!r} is already at step {step} (its checkpoint), "
+                         f"past {cfg.steps}: nothing was trained and no file was changed; pass steps above {step} "
+                         f"(--steps) to train further, or sample the run as it is (fastddpm sample --checkpoint "
+                         f"{cfg.out})")
+    if cfg.steps == step and os.path.exists(os.path.join(cfg.out, ckpt.MODEL)):
+        if rank == 0:
+            print(f"fastddpm train: the run in {cfg.out!r} is already at step {step} (steps={cfg.steps}): nothing to "
+                  "train, no file changed", file=sys.stderr, flush=True)
+        return True, {}
+    changes = {k: [old[k], new[k]] for k in TUNABLE_OPTIONS if k in old and old[k] != new[k]}
+    if changes and rank == 0:
+        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        print(f"fastddpm train: resuming the run in {cfg.out!r} at step {step} with changed options: {said}",
+              file=sys.stderr, flush=True)
+    return False, changes
+
+
+def _check_model_config(model, cfg):
+    """The model built from a resumed run's options must be the checkpoint's (its saved weights' shapes)."""
+    old = checkpoint_config(cfg.out)[1].get("model_config")
+    if old is not None and json.loads(old) != model.config_dict():
+        raise ValueError(f"the model built from these options ({model.config_dict()}) differs from the one in "
+                         f"{cfg.out!r}'s checkpoint ({json.loads(old)}): resume it with the fastddpm version that "
+                         "wrote it, or train a new run into another out folder")
+
+
 def _truncate_log(path, step):
     """Drop log lines written after the checkpoint we resume from (the killed run's tail)."""
     if not os.path.exists(path):
@@ -245,6 +317,9 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
     if os.path.exists(ck_path) and not resume:
         raise FileExistsError(f"{cfg.out!r} already holds a checkpoint: pass resume=True (--resume) to continue it, "
                               "or choose another out folder")
+    done, changes = _check_resume(cfg, rank) if resume and os.path.exists(ck_path) else (False, {})
+    if done:
+        return cfg.out
     barrier()
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
@@ -258,6 +333,7 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
     s = _schedule(cfg)
     step = 0
     if resume and os.path.exists(ck_path):
+        _check_model_config(model, cfg)
         step = _load_checkpoint(ck_path, model, ema, opt, device)
         if rank == 0:
             _truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
@@ -279,6 +355,8 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
 
         bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step")
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
+    if log is not None and changes:
+        log.write(json.dumps({"step": step, "changed": changes}) + "\n")
     loss_sum = torch.zeros((), device=device)
     n_in_window, t_window = 0, time.perf_counter()
     stop = _StopOnSignal() if rank == 0 else None

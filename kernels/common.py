@@ -111,7 +111,8 @@ def rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR: tl.constexpr):
 @triton.jit
 def flag_non_finite(flag_ptr, out, mask, t):
     """Raise the int64 flag at flag_ptr to step t (atomic max) if out holds a NaN or an inf.
-    A loop runs t downwards, so the flag ends as the FIRST step that went bad."""
+    A loop runs t downwards, so the flag ends as the FIRST step that went bad. The step kernels
+    call it on the new state and on the model output (clipping can make an inf output's state finite)."""
     bad = ((out != out) | (tl.abs(out) > 3.4028234663852886e38)) & mask
     if tl.max(bad.to(tl.int32)) > 0:
         tl.atomic_max(flag_ptr, t.to(tl.int64))

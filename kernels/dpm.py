@@ -78,8 +78,9 @@ def dpm_step_kernel(
             out = out + std * z
 
     tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
-    if CHECK:
+    if CHECK:  # the new state, and the model output: clipping x0 can turn an inf output into a finite state
         flag_non_finite(flag_ptr, out, mask, t)
+        flag_non_finite(flag_ptr, mo, mask, t)
     tl.store(x0_ptr + offsets(b, i, c, s0b, s0p, LAYOUT_CL), x0, mask=mask)
 
 
@@ -89,7 +90,7 @@ def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, or
 
     out / x0_out: float32 buffers to write (may be x_t / prev_x0 themselves). For captured loops,
     rng (int64 device (seed_lo, seed_hi, sample_offset)) replaces seed and sample_offset, and
-    flag (int64 device scalar) is raised to t when the new state holds a non-finite value."""
+    flag (int64 device scalar) is raised to t when the new state or the model output holds a non-finite value."""
     C = x_t.shape[1]
     x_t, layout = pick_layout(x_t)
     walk = Walk(x_t, layout)

@@ -99,6 +99,7 @@ def sigma_step_kernel(
     tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
     if CHECK:  # the flag counts stages left, so its maximum is the first bad stage
         flag_non_finite(flag_ptr, out, mask, K - 1 - k)
+        flag_non_finite(flag_ptr, mo, mask, K - 1 - k)  # clipping D can hide a non-finite model output
     if NHIST >= 1:
         if push:
             if NHIST >= 3:

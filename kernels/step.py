@@ -89,6 +89,8 @@ def step_kernel(
             frac = (v + 1.0) * 0.5
             log_var = frac * _row(tab_ptr, ROW_LOG_BETA, S, t) + (1.0 - frac) * _row(tab_ptr, ROW_LOGVAR_SMALL, S, t)
             std = tl.exp(0.5 * log_var)
+            if CHECK:  # the variance channels are model output too
+                flag_non_finite(flag_ptr, v, mask, t)
 
     # noise, never at step 0
     if NOISE != 0:
@@ -101,8 +103,9 @@ def step_kernel(
             out = out + std * z
 
     tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
-    if CHECK:
+    if CHECK:  # the new state, and the model output: clipping x0 can turn an inf output into a finite state
         flag_non_finite(flag_ptr, out, mask, t)
+        flag_non_finite(flag_ptr, mo, mask, t)
     if WRITE_X0:
         tl.store(x0_ptr + offsets(b, i, c, s0b, s0p, LAYOUT_CL), x0, mask=mask)
 
@@ -115,7 +118,8 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
 
     For captured loops: rng, an int64 device tensor (seed_lo, seed_hi, sample_offset), replaces
     seed and sample_offset (so one captured launch serves any seed and batch); flag, an int64
-    device scalar, is raised to t (atomic max) when the new state holds a non-finite value;
+    device scalar, is raised to t (atomic max) when the new state or the model output holds a
+    non-finite value;
     x0_out, a float32 buffer in x_t's layout, receives x0 when return_x0 (a static buffer)."""
     C = x_t.shape[1]
     x_t, layout = pick_layout(x_t)

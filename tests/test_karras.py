@@ -177,8 +177,8 @@ def test_graph_and_fused_loops_equal_the_reference(monkeypatch, method):
     if method == "euler":
         kw["s_churn"] = 1.0
     ref = fastddpm.sample(model, 5, backend="reference", **kw)
-    for backend in ("fused", "graph"):
-        assert rel(fastddpm.sample(model, 5, backend=backend, **kw), ref) < 1e-5, backend
+    for backend in ("fused", "graph"):  # whole loops: DESIGN.md's 1e-4 (in-kernel Box-Muller rounds differently)
+        assert rel(fastddpm.sample(model, 5, backend=backend, **kw), ref) < 1e-4, backend
     # sample i is the same image whatever the batch size
     assert rel(fastddpm.sample(model, 5, backend="reference", **{**kw, "batch_size": 2}), ref) < 1e-6
     graphs.clear_cache(model)
