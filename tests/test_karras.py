@@ -273,3 +273,33 @@ def test_compiled_kernels_and_captured_graphs_equal_the_reference_on_cuda(method
             got = fastddpm.sample(model, 5, backend=backend, **kw)
             assert rel(got, ref) < (1e-4 if dtype is None else 1e-2), (backend, fmt, rel(got, ref))
         graphs.clear_cache(model)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "graph"])
+def test_a_non_finite_model_output_is_named_even_when_clipping_hides_it(monkeypatch, backend):
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    s = Schedule.linear(1000)
+    plan = karras.build_plan("dpmpp_2m", S.get_sigmas("karras", 6, s), s, "eps", methods.resolve("dpmpp_2m"))
+    first = int((plan.timestep < 300).nonzero()[0])  # the first evaluation below timestep 300
+
+    def model(x, t):  # inf below timestep 300: clip=1 would turn D into a clean image
+        return torch.where((t < 300).view(-1, 1, 1, 1), torch.full_like(x, math.inf), x * 0.1)
+
+    with pytest.raises(FloatingPointError, match=rf"model evaluation {first} of 6 \(sigma .*\) in the batch starting "
+                                                 r"at sample 0, in the model's output or the sampler state"):
+        fastddpm.sample(model, 2, shape=(1, 2, 2), schedule=s, method="dpmpp_2m", steps=6, clip=1.0, backend=backend)
+
+
+def test_fused_stage_refuses_partial_overlaps_and_takes_empty_batches():
+    s = Schedule.linear(1000)
+    plan = karras.build_plan("dpmpp_2m", S.get_sigmas("karras", 4, s), s, "eps", methods.resolve("dpmpp_2m"))
+    buf = torch.randn(5, 3, 4, 4, device=dev())
+    x, mo, h = buf[:4], torch.randn(4, 3, 4, 4, device=dev()), (torch.randn(4, 3, 4, 4, device=dev()),)
+    with pytest.raises(ValueError, match="out .*overlap"):
+        ops.sigma_step(plan, x, 1, mo, h, out=buf[1:])
+    with pytest.raises(ValueError, match="history_out.0. .*overlap"):
+        ops.sigma_step(plan, x, 1, mo, h, history_out=(buf[1:],))
+    empty = torch.empty(0, 3, 4, 4, device=dev())
+    got, got_h = ops.sigma_step(plan, empty, 1, empty, (empty,))
+    want, want_h = karras.sigma_step(plan, empty, 1, empty, (empty,))
+    assert got.shape == want.shape == (0, 3, 4, 4) and got_h[0].shape == want_h[0].shape
