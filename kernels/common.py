@@ -109,6 +109,21 @@ def rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR: tl.constexpr):
 
 
 @triton.jit
+def step_noise(z_ptr, szb, szp, b, i, c, mask, pid, tag, rng_ptr, seed_lo, seed_hi, sample_offset, HW,
+               NOISE: tl.constexpr, RNG_PTR: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
+               CP: tl.constexpr, QUAD: tl.constexpr):
+    """The standard normal noise a step adds, shaped like its walk: read from the noise tensor
+    (NOISE == 1), or drawn from the stream under `tag` (NOISE == 2; seed and first sample from
+    rng_ptr in captured loops, see rng_args). Shared by every step kernel."""
+    if NOISE == 1:
+        z = tl.load(z_ptr + offsets(b, i, c, szb, szp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    else:
+        k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
+        z = block_noise(pid, first + b, tag, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
+    return z
+
+
+@triton.jit
 def flag_non_finite(flag_ptr, out, mask, t):
     """Raise the int64 flag at flag_ptr to step t (atomic max) if out holds a NaN or an inf.
     A loop runs t downwards, so the flag ends as the FIRST step that went bad. The step kernels

@@ -21,7 +21,7 @@ import triton.language as tl
 from fastddpm.karras import ROW
 
 from .common import (Walk, as_i32, block_noise, device_guard, flag_non_finite, offsets, pick_layout, pixel_stride,
-                     program_coords, rng_args, sample_layout, split_seed, to_layout)
+                     program_coords, rng_args, sample_layout, split_seed, step_noise, to_layout)
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
@@ -89,11 +89,9 @@ def sigma_step_kernel(
     if NOISE != 0:
         s = _c(tab_ptr, R_S, K, k)
         if s != 0.0:
-            if NOISE == 1:
-                z = tl.load(z_ptr + offsets(b, i, c, szb, szp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
-            else:
-                k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
-                z = block_noise(pid, first + b, tl.load(tag_ptr + k), k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
+            tag = tl.load(tag_ptr + k)
+            z = step_noise(z_ptr, szb, szp, b, i, c, mask, pid, tag, rng_ptr, seed_lo, seed_hi, sample_offset, HW,
+                           NOISE, RNG_PTR, LAYOUT_CL, BLOCK, CP, QUAD)
             out = out + s * z
 
     tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)

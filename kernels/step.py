@@ -22,8 +22,8 @@ import triton.language as tl
 
 from fastddpm.schedule import ROW
 
-from .common import (Walk, as_i32, block_noise, device_guard, flag_non_finite, offsets, pick_layout, pixel_stride,
-                     program_coords, rng_args, sample_layout, split_seed, to_layout)
+from .common import (Walk, as_i32, device_guard, flag_non_finite, offsets, pick_layout, pixel_stride, program_coords,
+                     sample_layout, split_seed, step_noise, to_layout)
 
 PRED = {"eps": 0, "x0": 1, "v": 2}
 VAR = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
@@ -95,11 +95,8 @@ def step_kernel(
     # noise, never at step 0
     if NOISE != 0:
         if t > 0:
-            if NOISE == 1:
-                z = tl.load(z_ptr + offsets(b, i, c, szb, szp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
-            else:
-                k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
-                z = block_noise(pid, first + b, t, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
+            z = step_noise(z_ptr, szb, szp, b, i, c, mask, pid, t, rng_ptr, seed_lo, seed_hi, sample_offset, HW,
+                           NOISE, RNG_PTR, LAYOUT_CL, BLOCK, CP, QUAD)
             out = out + std * z
 
     tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
