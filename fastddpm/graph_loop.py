@@ -159,9 +159,10 @@ class SigmaLoopPlan:
     fused stage update (x and the history in place), k += 1. S = the number of model evaluations."""
 
     def __init__(self, forward, s, shape, device, opts, layout=torch.contiguous_format):
-        from .kernels.sigma_step import sigma_init_forward, sigma_step_forward
+        from .kernels.noise import normal_forward
+        from .kernels.sigma_step import sigma_step_forward
 
-        self._step_forward, self._init_forward = sigma_step_forward, sigma_init_forward
+        self._step_forward, self._normal_forward = sigma_step_forward, normal_forward
         self.forward = forward
         self.plan = opts["plan"]
         self.S = self.plan.nfe
@@ -178,7 +179,9 @@ class SigmaLoopPlan:
     set_rng = LoopPlan.set_rng
 
     def begin(self):
-        self._init_forward(self.plan, self.x, rng=self.rng)
+        # the first model input c_in (sigma_max z(TAG_INIT) + the first churn noise z(tag 0)): karras.initial_state
+        self._normal_forward(self.x, rng.TAG_INIT, rng=self.rng, scale=self.plan.init_std, tag2=0,
+                             scale2=self.plan.init_churn)
         for h in self.hist:
             h.zero_()
         self.k.fill_(0)

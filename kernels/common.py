@@ -108,6 +108,9 @@ def rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR: tl.constexpr):
         return seed_lo, seed_hi, sample_offset
 
 
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2  # a step kernel's NOISE: none, a tensor, the stream
+
+
 @triton.jit
 def step_noise(z_ptr, szb, szp, b, i, c, mask, pid, tag, rng_ptr, seed_lo, seed_hi, sample_offset, HW,
                NOISE: tl.constexpr, RNG_PTR: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,

@@ -20,10 +20,8 @@ import triton.language as tl
 
 from fastddpm.karras import ROW
 
-from .common import (Walk, as_i32, block_noise, device_guard, flag_non_finite, offsets, pick_layout, pixel_stride,
-                     program_coords, rng_args, sample_layout, split_seed, step_noise, to_layout)
-
-NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+from .common import (NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, Walk, as_i32, device_guard, flag_non_finite, offsets,
+                     pick_layout, pixel_stride, program_coords, sample_layout, split_seed, step_noise, to_layout)
 
 
 @triton.jit
@@ -156,37 +154,3 @@ def sigma_step_forward(plan, x, k, model_output, history, noise, *, seed, sample
         if h is not mine:
             h.copy_(mine)
     return out, tuple(history)
-
-
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "sample_offset", "tag_init", "tag0"])
-def sigma_init_kernel(
-    out_ptr, sob, sop, N, C, HW, rng_ptr, seed_lo, seed_hi, sample_offset, init_std, init_churn, tag_init, tag0,
-    CHURN: tl.constexpr, RNG_PTR: tl.constexpr, LAYOUT_CL: tl.constexpr,
-    BLOCK: tl.constexpr, CP: tl.constexpr, QUAD: tl.constexpr,
-):
-    """x_0 = init_std z(TAG_INIT) + init_churn z(tag 0): the first model input of a SigmaPlan."""
-    b, pid, _, i, c, mask = program_coords(rng_ptr, 0, N, C, HW, False, BLOCK, LAYOUT_CL, CP)
-    k_lo, k_hi, first = rng_args(rng_ptr, seed_lo, seed_hi, sample_offset, RNG_PTR)
-    x = init_std * block_noise(pid, first + b, tag_init, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
-    if CHURN:
-        x = x + init_churn * block_noise(pid, first + b, tag0, k_lo, k_hi, HW, BLOCK, LAYOUT_CL, CP, QUAD)
-    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), x, mask=mask)
-
-
-def sigma_init_forward(plan, out: torch.Tensor, *, seed=None, sample_offset: int = 0, rng=None) -> torch.Tensor:
-    """Fill the float32 tensor out (B, ...) with the plan's first model input from the stream."""
-    from fastddpm.rng import TAG_INIT
-
-    target, layout = pick_layout(out)
-    if target is not out:
-        raise ValueError("out must be contiguous or channels_last inside each sample")
-    walk = Walk(out, layout)
-    seed_lo, seed_hi = split_seed(seed or 0)
-    with device_guard(out):
-        sigma_init_kernel[walk.grid](
-            out, out.stride(0), pixel_stride(out), walk.N, walk.C, walk.HW, rng if rng is not None else out,
-            seed_lo, seed_hi, as_i32(sample_offset), float(plan.init_std), float(plan.init_churn),
-            as_i32(TAG_INIT), 0, CHURN=plan.init_churn != 0, RNG_PTR=rng is not None, **walk.meta,
-            num_warps=walk.num_warps,
-        )
-    return out

@@ -22,12 +22,11 @@ import triton.language as tl
 
 from fastddpm.schedule import ROW
 
-from .common import (Walk, as_i32, device_guard, flag_non_finite, offsets, pick_layout, pixel_stride, program_coords,
-                     sample_layout, split_seed, step_noise, to_layout)
+from .common import (NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, Walk, as_i32, device_guard, flag_non_finite, offsets,
+                     pick_layout, pixel_stride, program_coords, sample_layout, split_seed, step_noise, to_layout)
 
 PRED = {"eps": 0, "x0": 1, "v": 2}
 VAR = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
-NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
 
 @triton.jit
