@@ -150,3 +150,62 @@ def test_the_report_writes_gpu_files_into_the_readme(rehearsal, tmp_path):
     assert "Device: **NVIDIA H100 80GB HBM3**" in text and "REHEARSAL" not in text
     fused = next(r for r in load(rehearsal, 3)["rows"] if r["contender"] == "fused")
     assert f"| {fused['us']:.1f} |" in text
+
+
+def test_a_carried_cache_entry_is_named_by_the_key_a_launch_computes(tmp_path):
+    """benchmarks/triton_cache.py: one launch of the GPU run, bound for sm_90 and compiled into a
+    cache folder, lands in the entry its own key computation names (what a GPU's JIT looks up)."""
+    pytest.importorskip("triton.backends.nvidia")
+    script = f"""
+import os, sys
+os.environ["TRITON_CACHE_DIR"] = {str(tmp_path)!r}
+sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
+import torch, kernel_launches as kl
+from fastddpm import Schedule, ops
+from benchmarks import triton_cache
+ops._use_kernels = lambda x: True
+with kl.record() as (launches, _):
+    ops.ddpm_step(Schedule.linear(1000), torch.randn(2, 3, 8, 8), 5, torch.randn(2, 3, 8, 8), seed=1)
+(bound, _), = kl.distinct_variants(launches).values()
+entry = triton_cache.expected_entry(bound)
+assert not os.path.exists(os.path.join({str(tmp_path)!r}, entry))
+bound.compile()
+assert sorted(os.listdir(os.path.join({str(tmp_path)!r}, entry)))[-1].endswith(".ttir"), entry
+print("entry", entry)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "entry " in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_the_key_of_another_build_swaps_only_libtritons_hash(tmp_path):
+    """--key-of WHEEL: the same Triton version built for another Python gets the local key with its
+    libtriton's hash; a wheel whose Python files differ is refused (not the same Triton)."""
+    import hashlib
+    import zipfile
+
+    import triton
+    from triton.runtime.cache import triton_key
+
+    from benchmarks import triton_cache
+
+    local = os.path.dirname(triton.__file__)
+
+    def wheel(name, changed=None):
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as z:
+            for d, _, files in os.walk(local):
+                for f in files:
+                    if f.endswith(".py"):
+                        rel = os.path.relpath(os.path.join(d, f), local)
+                        z.writestr("triton/" + rel, b"# another version" if rel == changed else
+                                   open(os.path.join(d, f), "rb").read())
+            z.writestr("triton/_C/libtriton.so", b"another build")
+        return str(path)
+
+    key = triton_cache.key_of_wheel(wheel("same.whl"))
+    assert key != triton_key() and hashlib.sha256(b"another build").hexdigest() in key
+    assert len(key) == len(triton_key())
+    with pytest.raises(SystemExit, match="Python files differ"):
+        triton_cache.key_of_wheel(wheel("other.whl", changed=os.path.join("language", "core.py")))
