@@ -1,20 +1,43 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (10 minutes a call): install, then one stage.
-#   bash benchmarks/run_gpu.sh tests     # every test, GPU-only ones included
-#   bash benchmarks/run_gpu.sh bench     # the benchmark suite without the torch.compile rows
-#   bash benchmarks/run_gpu.sh compile   # only the torch.compile rows (minutes of compilation)
-# Results: benchmarks/results/cuda-latest.json, copied to $OUT when set, then
-#   python benchmarks/report.py <json> --readme README.md --png docs/results.png
+# The first GPU run in one command (15 minutes of device time a session, 10 a command):
+#   bash benchmarks/run_gpu.sh OUT               # on the GPU machine: OUT/1-env.json ... OUT/5-tests.json
+#   bash benchmarks/run_gpu.sh --rehearsal OUT   # the same code on the CPU (Triton's interpreter, tiny sizes)
+# Parts, each with its own time budget, each file written as soon as its part ends (and after
+# every row): 1 env, 2 smoke, 3 kernels, 4 sampling, 5 tests (benchmarks/gpu_run.py says what each measures).
+# Extra arguments go to benchmarks/gpu_run.py (e.g. --parts 1,2 or --budget-scale 0.5).
+# A Triton cache carried in benchmarks/triton-cache-sm90/ (git-ignored; name it in the device
+# tool's carry) is used as TRITON_CACHE_DIR (README, "The GPU run").
+# Then: python -m benchmarks.report OUT --readme README.md --png docs/results.png
 set -euo pipefail
-stage=${1:-tests}
-pip install -q --no-deps --no-build-isolation -e .
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-case "$stage" in
-  tests)   python -m pytest tests -x -q -p no:cacheprovider ;;
-  bench)   FASTDDPM_BENCH_COMPILE=0 python -m pytest benchmarks -q -p no:cacheprovider ;;
-  compile) FASTDDPM_BENCH_JSON=benchmarks/results/cuda-compile.json \
-             python -m pytest benchmarks -q -p no:cacheprovider -k "compile" ;;
-  *) echo "stage must be tests, bench or compile; got $stage" >&2; exit 2 ;;
-esac
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/cuda-*.json "$OUT"/ 2>/dev/null || true; fi
+cd "$(dirname "$0")/.."
+rehearsal=()
+if [ "${1:-}" = "--rehearsal" ]; then rehearsal=(--rehearsal); shift; fi
+if [ $# -lt 1 ]; then
+  echo "usage: bash benchmarks/run_gpu.sh [--rehearsal] OUT [gpu_run.py options]" >&2; exit 2
+fi
+out=$1; shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+# The install: this checkout importable as fastddpm (with fastddpm.kernels) from anywhere.
+where() { (cd / && python -c "import fastddpm, fastddpm.kernels.step; print(fastddpm.__file__)" 2>/dev/null) || true; }
+here=$(pwd)/fastddpm/__init__.py
+if [ "$(where)" = "$here" ]; then
+  export FASTDDPM_INSTALL="already installed from this checkout"
+elif pip install -q --no-deps --no-build-isolation -e . >"$out/.pip.log" 2>&1 && [ "$(where)" = "$here" ]; then
+  export FASTDDPM_INSTALL="pip install --no-deps --no-build-isolation -e ."
+else  # no setuptools / wheel there: a copy laid out as the wheel lays it out
+  site=$(mktemp -d)
+  cp -r fastddpm "$site/fastddpm" && cp -r kernels "$site/fastddpm/kernels"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  export FASTDDPM_INSTALL="pip install failed ($(tail -n 1 "$out/.pip.log" | cut -c1-200)); a copy on PYTHONPATH: $site"
+fi
+rm -f "$out/.pip.log"
+
+# A Triton cache compiled ahead for sm_90 (benchmarks/triton_cache.py), if it travelled here.
+if [ ${#rehearsal[@]} -eq 0 ] && [ -d benchmarks/triton-cache-sm90 ] && [ -z "${TRITON_CACHE_DIR:-}" ]; then
+  export TRITON_CACHE_DIR=/tmp/fastddpm-triton-cache
+  mkdir -p "$TRITON_CACHE_DIR" && cp -r benchmarks/triton-cache-sm90/. "$TRITON_CACHE_DIR"/
+  export FASTDDPM_TRITON_CACHE_CARRIED="benchmarks/triton-cache-sm90 ($(ls benchmarks/triton-cache-sm90 | wc -l) entries)"
+fi
+python -m benchmarks.gpu_run "${rehearsal[@]}" "$out" "$@"

@@ -41,7 +41,9 @@ Under torchrun (K processes) the model is wrapped in DistributedDataParallel: ev
 draws the same global batch of indices and t and keeps its contiguous slice, and its noise
 is keyed by the global sample index, so K processes make exactly the update one process
 makes on the same global batch (batch_size must divide by K), and a run resumes on any K.
-Only rank 0 writes checkpoints and logs.
+Only rank 0 writes checkpoints and logs. A SIGTERM / SIGINT reaching any rank stops every rank
+after the same step, with rank 0's checkpoint of that step (the noted signal is all-reduced
+every step).
 """
 from __future__ import annotations
 
@@ -202,14 +204,26 @@ def diffusion_loss(fwd, s: Schedule, x0: torch.Tensor, t: torch.Tensor, *, noise
 
 
 class _StopOnSignal:
-    """While training (rank 0, main thread): SIGTERM and SIGINT are noted, the current step
-    finishes, a checkpoint is written, and then the signal takes its usual course."""
+    """While training (every rank, main thread): SIGTERM and SIGINT are noted, the current step
+    finishes, a checkpoint is written, and then the signal takes its usual course.
+
+    Under torchrun a signal may reach one rank only (a scheduler's kill) or the ranks at
+    different steps (torchrun forwarding it): `agreed()` all-reduces the noted signal (max) at
+    every step, so every rank stops after the same step, rank 0 writing that step's checkpoint
+    and the others waiting for it. The all-reduce runs on the CPU (gloo; a gloo group beside
+    NCCL), one int64 per step: no device synchronisation."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, world: int = 1):
         self.signum = None
         self.old = {}
+        self.world = world
+        self.group = None
+        if world > 1:
+            import torch.distributed as dist
+
+            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self.old[sig] = signal.signal(sig, self._note)
@@ -220,14 +234,24 @@ class _StopOnSignal:
             signal.raise_signal(signum)
         self.signum = signum
 
+    def agreed(self):
+        """The signal every rank stops on after this step (the largest any rank noted), or None."""
+        if self.world == 1:
+            return self.signum
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag) or None
+
     def restore(self):
         for sig, handler in self.old.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self.old = {}
 
-    def reraise(self):
+    def reraise(self, signum=None):
         self.restore()
-        signal.raise_signal(self.signum)
+        signal.raise_signal(signum or self.signum)
 
 
 RUN_OPTIONS = ("data", "model", "model_overrides", "schedule", "num_timesteps", "prediction", "batch_size", "seed")
@@ -359,7 +383,7 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
         log.write(json.dumps({"step": step, "changed": changes}) + "\n")
     loss_sum = torch.zeros((), device=device)
     n_in_window, t_window = 0, time.perf_counter()
-    stop = _StopOnSignal() if rank == 0 else None
+    stop = _StopOnSignal(world)
     last_save = time.monotonic()
     try:
         while step < cfg.steps:
@@ -403,20 +427,24 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
                                              "or check the data (values should be in [-1, 1])")
                 loss_sum.zero_()
                 n_in_window, t_window = 0, time.perf_counter()
-            if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or stop.signum is not None or (
+            signum = stop.agreed()  # the same on every rank
+            if rank == 0 and (signum is not None or step % cfg.ckpt_every == 0 or step == cfg.steps or (
                     cfg.ckpt_minutes is not None and time.monotonic() - last_save >= 60 * cfg.ckpt_minutes)):
                 _save_checkpoint(ck_path, model, ema, opt, step, cfg, arch)
                 last_save = time.monotonic()
-                if stop.signum is not None:
-                    if bar is not None:
-                        bar.close()
-                        bar = None
-                    print(f"fastddpm train: {signal.Signals(stop.signum).name} received: checkpoint of step {step} "
-                          f"written to {ck_path}; continue with resume=True (--resume)", file=sys.stderr, flush=True)
-                    stop.reraise()  # its usual course: SIGTERM ends the process, SIGINT raises KeyboardInterrupt
+            if signum is not None:
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                name = signal.Signals(signum).name
+                print(f"fastddpm train: {name} received: checkpoint of step {step} written to {ck_path}; continue "
+                      "with resume=True (--resume)" if rank == 0 else
+                      f"fastddpm train: rank {rank}: {name} received: stopped after step {step} (rank 0 writes "
+                      "its checkpoint)", file=sys.stderr, flush=True)
+                barrier()  # rank 0's checkpoint is on disk before any rank goes
+                stop.reraise(signum)  # its usual course: SIGTERM ends the process, SIGINT raises KeyboardInterrupt
     finally:
-        if stop is not None:
-            stop.restore()
+        stop.restore()
         if log is not None:
             log.close()
         if bar is not None:

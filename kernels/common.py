@@ -221,17 +221,28 @@ def pick_layout(x: torch.Tensor):
     return x, lay
 
 
+MAX_REGISTERS = 255  # maxnreg of every launch: a thread's whole share of the register file (see launch_config)
+
+
 def launch_config(n_per_sample: int):
     """BLOCK and num_warps: small samples (latency-bound) take short blocks so the grid
     still fills the GPU; large ones take 4096-element blocks (16 KB of float32 per operand).
-    At least 4 elements a thread, so float32 operands load 128 bits at a time."""
+    At least 4 elements a thread, so float32 operands load 128 bits at a time.
+
+    Registers: every launch passes maxnreg=MAX_REGISTERS (Walk.meta). Without it ptxas picks a
+    register budget that keeps 2 to 4 blocks of 8 warps resident (128, 80, 64 registers) and
+    the register-heavy variants (in-kernel noise, channels_last learned_range, half-precision
+    inputs) spilled 4-20 bytes a thread: 15 variants on Triton 3.9, 1 on 3.6; 16 warps (8
+    elements a thread) moved the spills to 5 others at 64. With the whole budget none spills
+    (tests/kernel_compile_check.py); no GPU has timed either configuration yet."""
     block = 4096 if n_per_sample > 8192 else max(128, min(1024, triton.next_power_of_2(n_per_sample)))
     return block, min(8, block // 128)
 
 
 class Walk:
-    """How a kernel walks x (B, ...) in `layout`: its constexprs (BLOCK, LAYOUT_CL, CP, QUAD),
-    num_warps and grid, and the shape arguments N (per sample), C, HW."""
+    """How a kernel walks x (B, ...) in `layout`: its constexprs (BLOCK, LAYOUT_CL, CP, QUAD) and
+    the maxnreg launch option (meta, passed as **walk.meta), num_warps and grid, and the shape
+    arguments N (per sample), C, HW."""
 
     def __init__(self, x: torch.Tensor, layout: str):
         B, self.N = x.shape[0], x[0].numel()
@@ -248,7 +259,7 @@ class Walk:
             raise ValueError(f"one sample has {self.N} elements, more than the kernels' limit of "
                              f"{65535 * per_block * (self.C if cl else 1)}")
         self.grid = (B, blocks)
-        self.meta = dict(BLOCK=block, LAYOUT_CL=cl, CP=cp, QUAD=self.HW % 4 == 0)
+        self.meta = dict(BLOCK=block, LAYOUT_CL=cl, CP=cp, QUAD=self.HW % 4 == 0, maxnreg=MAX_REGISTERS)
 
 
 def as_i32(v: int) -> int:

@@ -7,10 +7,12 @@ rng / flag pointers for DDPM/DDIM and DPM-Solver++) on CPU tensors of a small an
 shape, both layouts, records each launch (tests/kernel_launches.py), binds it through Triton's
 own JIT binder for sm_90 (so the specialisation, 16-byte alignment and divisibility attributes
 are those of a GPU launch) and compiles each distinct variant down to a cubin with the ptxas
-in Triton's wheel. It reads registers and local memory (spills) from `cuobjdump -res-usage`
-and the global load widths from the SASS (LDG.E.128 = 128-bit), prints a table, and exits 1
-if a variant fails to compile, spills, or is a contiguous variant without a 128-bit global
-load.
+in Triton's wheel. It reads the registers from `cuobjdump -res-usage`, the spills from
+ptxas's own report of that compilation (`-v`, which Triton prints with TRITON_DUMP_PTXAS_LOG:
+"N bytes spill stores"; cuobjdump's LOCAL counts local arrays, not spills, and its STACK
+holds libdevice's sin/cos range-reduction array on 3.6) and the global load widths from the
+SASS (LDG.E.128 = 128-bit), prints a table, and exits 1 if a variant fails to compile,
+spills, or is a contiguous variant without a 128-bit global load.
 
 Add launches by appending a function to RECIPES: it gets (shape, channels_last, label) and
 calls the public API; set label[0] to describe what follows.
@@ -18,6 +20,8 @@ calls the public API; set label[0] to describe what follows.
 Run by tests/test_kernel_compile.py in a fresh process without TRITON_INTERPRET.
 """
 import collections
+import contextlib
+import io
 import itertools
 import os
 import re
@@ -78,6 +82,29 @@ def recipe_ops_steps(shape, cl, label):
 def base_differs(k, v):
     return v != dict(method="ddpm", prediction="eps", variance="fixed_small", clip=1.0, noise="seed", t="int",
                      mo_dtype=torch.float32, return_x0=False, eta=0.5, clipped=False).get(k)
+
+
+def recipe_half_inputs(shape, cl, label):
+    """Half-precision inputs the public API accepts (loaded and upcast to float32): x_t and the
+    model output, a noise tensor, q_sample's x0, learned_range's 2C-channel output, DPM-Solver++'s
+    x_t. The sampler state stays float32 in fastddpm's own loops; a caller's tensors need not."""
+    for dt in (torch.bfloat16, torch.float16):
+        name = str(dt).replace("torch.", "")
+        x, mo = _like(shape, cl, dt), _like(shape, cl, dt)
+        label[0] = f"half step x_t={name} model_output={name}"
+        ops.ddpm_step(S, x, 5, mo, seed=3)
+        label[0] = f"half step noise={name}"
+        ops.ddpm_step(S, _like(shape, cl), 5, _like(shape, cl), _like(shape, cl, dt))
+        label[0] = f"half step learned_range model_output={name}"
+        ops.ddpm_step(S, _like(shape, cl), 5, _like(shape, cl, dt, 2 * shape[1]), seed=3, variance="learned_range")
+        label[0] = f"half ddim x_t={name}"
+        ops.ddim_step(S, x, 5, mo, eta=0.5, seed=3)
+        label[0] = f"half q_sample x0={name} seed"
+        ops.q_sample(S, _like(shape, cl, dt), 5, seed=3)
+        label[0] = f"half q_sample x0={name} noise={name}"
+        ops.q_sample(S, _like(shape, cl, dt), 5, _like(shape, cl, dt))
+        label[0] = f"half dpm x_t={name}"
+        ops.dpm_solver_step(S, x, 5, mo, _like(shape, cl), method="sde-dpmsolver++", seed=3)
 
 
 def recipe_q_sample(shape, cl, label):
@@ -164,7 +191,7 @@ def recipe_dpm(shape, cl, label):
         plan.step()
 
 
-RECIPES = [recipe_ops_steps, recipe_q_sample, recipe_noise, recipe_graph_loop, recipe_dpm]
+RECIPES = [recipe_ops_steps, recipe_q_sample, recipe_noise, recipe_graph_loop, recipe_dpm, recipe_half_inputs]
 
 
 def record_launches():
@@ -195,6 +222,22 @@ def _widths(sass, op):
     return widths
 
 
+def compile_with_ptxas_report(bound):
+    """(compiled kernel, bytes of spill stores a thread) from ptxas's `-v` report of Triton's own
+    ptxas run (always compiled: a cache hit would run no ptxas)."""
+    from triton import knobs
+
+    buf = io.StringIO()
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(buf):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        k = bound.compile()
+    spills = re.findall(r"(\d+) bytes spill stores", buf.getvalue())
+    if not spills:
+        raise RuntimeError(f"no ptxas report of spills in: {buf.getvalue()[-500:]!r}")
+    return k, sum(map(int, spills))
+
+
 def inspect_cubin(cubin: bytes):
     """(registers, local memory bytes, load widths, store widths) of the kernel in a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -206,6 +249,12 @@ def inspect_cubin(cubin: bytes):
     return int(m.group(1)), int(m.group(2)), _widths(sass.stdout, "LDG"), _widths(sass.stdout, "STG")
 
 
+def widest_load(bound):
+    """The global load width (bits) a contiguous variant must reach: 128 (4 float32 elements a
+    thread), or 64 where an operand is half precision (its 4 elements)."""
+    return 64 if any(str(t) in ("*bf16", "*fp16") for t in bound.signature.values()) else 128
+
+
 def _fmt(widths):
     return " ".join(f"{w}x{n}" for w, n in sorted(widths.items(), reverse=True)) or "-"
 
@@ -214,30 +263,31 @@ def main():
     launches = record_launches()
     variants = kl.distinct_variants(launches)
     print(f"triton {triton.__version__}, sm_90: {len(launches)} recorded launches, {len(variants)} distinct variants")
-    print("regs: registers a thread; spill B: local memory a thread (spills); loads / stores: global accesses,")
+    print("regs: registers a thread; spill B: bytes a thread spills (ptxas's report); loads / stores: global accesses,")
     print("bits x count (128 = LDG.E.128 / STG.E.128). A contiguous variant must load 128 bits at a time")
-    print("(the x_T kernel, which loads nothing per element, must store 128 bits at a time).")
+    print("(64 with half-precision operands: 4 elements a thread; the x_T kernel, which loads nothing per")
+    print("element, must store 128 bits at a time).")
     print(f"{'variant (shape layout launch)':<66} {'regs':>4} {'spill B':>7}  {'loads':<22} stores")
     failures = 0
     for bound, labels in variants.values():
         label = labels[0] + (f" (+{len(labels) - 1})" if len(labels) > 1 else "")
         try:
-            k = bound.compile()
-            regs, local, loads, stores = inspect_cubin(k.asm["cubin"])
+            k, spilled = compile_with_ptxas_report(bound)
+            regs, _, loads, stores = inspect_cubin(k.asm["cubin"])
         except Exception as e:  # noqa: BLE001 - report every failing variant
             failures += 1
             print(f"FAIL {bound.name} {label}: {type(e).__name__}: {str(e)[-1500:]}")
             continue
         problems = []
-        if local:
+        if spilled:
             problems.append("SPILLS")
         if " contig " in f" {label} ":
             if bound.name == "normal_kernel" and not stores.get(128):
                 problems.append("NO 128-BIT STORE")
-            elif bound.name != "normal_kernel" and not loads.get(128):
-                problems.append("NO 128-BIT LOAD")
+            elif bound.name != "normal_kernel" and max(loads, default=0) < widest_load(bound):
+                problems.append(f"NO {widest_load(bound)}-BIT LOAD")
         failures += bool(problems)
-        print(f"{label[:66]:<66} {regs:>4} {local:>7}  {_fmt(loads):<22} {_fmt(stores)} {' '.join(problems)}")
+        print(f"{label[:66]:<66} {regs:>4} {spilled:>7}  {_fmt(loads):<22} {_fmt(stores)} {' '.join(problems)}")
     print(f"sm_90: compiled {len(variants)} variants, {failures} failures")
     sys.exit(1 if failures else 0)
 

@@ -128,3 +128,63 @@ def test_two_process_training_makes_the_one_process_update(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
     log = [json.loads(ln)["step"] for ln in open(tmp_path / "two/log.jsonl")]
     assert log == [1, 2, 3, 4, 5, 6]
+
+
+def _workers(parent_pid):
+    """{rank: pid} of torchrun's worker processes (Linux /proc)."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent_pid:
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RANK" in env:
+            out[int(env[b"RANK"])] = int(pid)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize("target", ["rank 1", "torchrun"])
+def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path, target):
+    """SIGTERM to one rank (a scheduler's kill) or to torchrun (which forwards it to the workers,
+    not at the same step): every rank stops after the same step, rank 0's checkpoint is of that
+    step, and the run resumes to the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    common = ["--data", "moons", "--batch-size", "64", "--lr", "1e-3", "--warmup", "1", "--log-every", "5",
+              "--no-progress"]
+    proc = subprocess.Popen(fastddpm_cmd(["train", "--out", str(out), "--steps", "1000000", "--ckpt-every",
+                                          "1000000", "--ckpt-minutes", "60", *common], nproc=2),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    log = out / "log.jsonl"
+    deadline = time.time() + 240
+    while not (log.exists() and log.read_text()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = _workers(proc.pid)
+    assert sorted(workers) == [0, 1] and proc.poll() is None, (workers, proc.poll())
+    os.kill(workers[1] if target == "rank 1" else proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0  # the workers ended by SIGTERM, as the signal's usual course
+    ckfile = str(out / "checkpoint.safetensors")
+    step = int(ck.read(ckfile)[1]["step"])
+    assert step >= 5
+    assert (f"fastddpm train: SIGTERM received: checkpoint of step {step} written to {ckfile}; continue with "
+            "resume=True (--resume)") in err, err[-3000:]
+    assert f"fastddpm train: rank 1: SIGTERM received: stopped after step {step} (rank 0 writes" in err, err[-3000:]
+    assert err.count("SIGTERM received") == 2, err[-3000:]
+    assert all(json.loads(ln)["step"] <= step for ln in log.read_text().splitlines())
+    # the checkpoint resumes exactly: two more steps on 2 ranks = the uninterrupted run on one process
+    run(["train", "--out", str(out), "--steps", str(step + 2), "--ckpt-every", "1000000", "--resume", *common],
+        nproc=2)
+    train(TrainConfig(data="moons", out=str(tmp_path / "one"), model="mlp", steps=step + 2, batch_size=64, lr=1e-3,
+                      warmup=1, ckpt_every=1_000_000, log_every=5, progress=False))
+    a, _ = ck.read(str(tmp_path / "one/checkpoint.safetensors"))
+    b, meta = ck.read(ckfile)
+    assert meta["step"] == str(step + 2)
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)

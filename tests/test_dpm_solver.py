@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastddpm
-from fastddpm import Schedule, compat
+from fastddpm import Schedule, compat, diffusers_schedule
 from fastddpm.diffusion import dpm_solver_step
 from fastddpm.dpm_solver import dpm_indices
 from fastddpm.testing import GaussianDataModel
@@ -223,6 +223,53 @@ def test_options_fastddpm_cannot_honour_are_refused(cfg, match):
     sched = dpm_scheduler(**cfg)
     with pytest.raises(NotImplementedError, match=match):
         compat.sample_kwargs(sched)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("spacing,steps", [(sp, k) for sp in ("linspace", "leading", "trailing")
+                                           for k in (100, 500, 990, 998, 999)
+                                           if (sp, k) not in (("leading", 999), ("trailing", 998))])  # t = T, -1
+def test_plain_configurations_at_many_steps_are_followed(beta_schedule, spacing, steps):
+    """diffusers' float32 sigmas (up to 2.6e-4 off the float64 noise levels near t = 0) are its
+    timesteps' noise levels: followed at any step count, never refused for their rounding."""
+    sched = dpm_scheduler(spacing, steps, beta_schedule=beta_schedule)
+    s = compat.sample_kwargs(sched)["schedule"]
+    assert s.timesteps.tolist() == sorted(sched.timesteps.tolist()) and s.num_steps == steps
+    levels = ((1 - s.alphas_cumprod) / s.alphas_cumprod).sqrt().flip(0)  # float64, in diffusers' order
+    rel = ((sched.sigmas[:-1].double() - levels).abs() / levels).max()
+    assert rel <= diffusers_schedule.SIGMA_RTOL
+
+
+def test_the_issues_999_linspace_steps_give_diffusers_images():
+    """Refused before (issue 25): 999 "linspace" steps on a 1000-step schedule, whose sigmas near
+    t = 0 are 7.6e-5 off in float32. On the exact Gaussian model, the same images as diffusers."""
+    base = Schedule.linear(1000)
+    shape = (2, 3, 3)
+    model = GaussianDataModel(base, torch.linspace(-0.5, 0.5, 18).reshape(shape),
+                              torch.linspace(0.2, 0.9, 18).reshape(shape))
+    sched = dpm_scheduler("linspace", 999)
+    levels = ((1 - base.alphas_cumprod[sched.timesteps.long()]) / base.alphas_cumprod[sched.timesteps.long()]).sqrt()
+    assert ((sched.sigmas[:-1].double() - levels).abs() / levels).max() > 1e-5  # what the old check refused
+    want = diffusers_loop(model, sched, 16, torch.Generator().manual_seed(6), shape=shape)
+    got = fastddpm.sample(model, 16, shape=shape, **compat.sample_kwargs(sched),
+                          generator=torch.Generator().manual_seed(6))
+    assert rel_l2(got, want) < 1e-4
+
+
+def test_other_noise_levels_and_timesteps_outside_training_are_refused():
+    sched = dpm_scheduler("linspace", 50)
+    sched.sigmas[:-1] *= 1 + 1e-4  # rounding-sized: followed
+    compat.sample_kwargs(sched)
+    sched.sigmas[:-1] *= 1 + 3e-3  # another family of noise levels
+    with pytest.raises(NotImplementedError, match="sigmas are not the noise levels of its timesteps followed by 0"):
+        compat.sample_kwargs(sched)
+    with pytest.raises(NotImplementedError, match=r"timesteps run from 999 down to -1, outside the 1000 training "
+                                                  r"timesteps 0..999 \(timestep_spacing='trailing'"):
+        compat.sample_kwargs(dpm_scheduler("trailing", 998))
+    with pytest.raises(NotImplementedError, match=r"timesteps run from 1000 down to 2, outside"):  # t = T
+        compat.sample_kwargs(dpm_scheduler("leading", 999))  # steps_offset=1
+    with pytest.raises(NotImplementedError, match=r"repeats timesteps \[\d+\] \(1000 steps"):
+        compat.sample_kwargs(dpm_scheduler("linspace", 1000))
 
 
 def test_sample_kwargs_and_contradictions():
