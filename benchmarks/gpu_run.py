@@ -37,7 +37,7 @@ import traceback
 PARTS = {1: "env", 2: "smoke", 3: "kernels", 4: "sampling", 5: "tests"}
 BUDGETS = {1: 40, 2: 90, 3: 100, 4: 130, 5: 150}  # seconds on the GPU; parts 1-4: 6 minutes at most
 REHEARSAL_BUDGET = 600  # seconds a part, on a CPU that CI may share: the rehearsal checks the code, not the time
-METHODS = ["ddpm", "ddim", "dpmsolver++"]  # smoke-tested samplers: append new method names here
+METHODS = ["ddpm", "ddim", "dpmsolver++", "dpmpp_2m", "euler_ancestral", "heun"]  # smoke-tested samplers
 BACKENDS = ["reference", "fused", "graph"]
 
 

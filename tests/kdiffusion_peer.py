@@ -29,12 +29,17 @@ def load_k_diffusion():
     pkg = types.ModuleType("k_diffusion")
     pkg.__path__ = [os.path.dirname(spec.origin)]
     sys.modules.setdefault("k_diffusion", pkg)
+    stubs = {}
     if importlib.util.find_spec("torchvision") is None:
-        tv, tvt, tvf = (types.ModuleType(n) for n in ("torchvision", "torchvision.transforms",
-                                                       "torchvision.transforms.functional"))
+        names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+        tv, tvt, tvf = (types.ModuleType(n) for n in names)
         tv.transforms, tvt.functional = tvt, tvf
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": tvt, "torchvision.transforms.functional": tvf})
-    import k_diffusion.external as external
-    import k_diffusion.sampling as sampling
-
+        stubs = dict(zip(names, (tv, tvt, tvf)))
+    sys.modules.update(stubs)
+    try:
+        import k_diffusion.external as external
+        import k_diffusion.sampling as sampling
+    finally:  # only utils.py's import sees the stand-in: other packages (diffusers) still find no torchvision
+        for name in stubs:
+            sys.modules.pop(name, None)
     return sampling, external

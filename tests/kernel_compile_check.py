@@ -2,8 +2,9 @@
 
 The CPU tests run the kernels under Triton's interpreter, which accepts code the compiler
 rejects (and vice versa). This script runs the public API (fastddpm.ops for every step
-option, q_sample, the x_T noise kernel, ops.dpm_solver_step, the graph loop's LoopPlan with its
-rng / flag pointers for DDPM/DDIM and DPM-Solver++) on CPU tensors of a small and a large
+option, q_sample, the x_T noise kernel, ops.dpm_solver_step, ops.sigma_step, the graph loop's
+LoopPlan / SigmaLoopPlan with its rng / flag pointers for DDPM/DDIM, DPM-Solver++ and the
+k-diffusion samplers) on CPU tensors of a small and a large
 shape, both layouts, records each launch (tests/kernel_launches.py), binds it through Triton's
 own JIT binder for sm_90 (so the specialisation, 16-byte alignment and divisibility attributes
 are those of a GPU launch) and compiles each distinct variant down to a cubin with the ptxas
@@ -191,7 +192,48 @@ def recipe_dpm(shape, cl, label):
         plan.step()
 
 
-RECIPES = [recipe_ops_steps, recipe_q_sample, recipe_noise, recipe_graph_loop, recipe_dpm, recipe_half_inputs]
+def recipe_sigma(shape, cl, label):
+    """ops.sigma_step (k-diffusion's samplers): every history depth (0..3) with seed noise, then one
+    option changed at a time on dpmpp_2m_sde; then the graph loop's first input (the noise kernel
+    with two draws) and stage launches (k, the rng and the flag from device memory)."""
+    from fastddpm import karras, methods, sigmas
+
+    def plan_of(method, clip=None, **opts):
+        o = methods.resolve(method, **opts)
+        return karras.build_plan(method, sigmas.get_sigmas("karras", 6, S), S, "eps", o, clip=clip)
+
+    def launch(plan, k=1, mo_dtype=torch.float32, noise="seed", in_place=False):
+        x, mo = _like(shape, cl), _like(shape, cl, mo_dtype)
+        hist = tuple(_like(shape, cl) for _ in range(plan.num_history))
+        kw = dict(seed=3, sample_offset=7) if noise == "seed" else {}
+        z = _like(shape, cl) if noise == "tensor" else None
+        if in_place:
+            kw.update(out=x, history_out=hist)
+        ops.sigma_step(plan, x, k, mo, hist, z, **kw)
+
+    for method, extra in (("euler", dict(s_churn=1.0)), ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}),
+                          ("lms", {})):
+        label[0] = f"sigma {method}"
+        launch(plan_of(method, **extra))
+    base = plan_of("dpmpp_2m_sde")
+    for name, kw in (("clip=1.0", dict(plan=plan_of("dpmpp_2m_sde", clip=1.0))),
+                     ("noise=tensor", dict(noise="tensor")), ("k=tensor", dict(k=torch.full((shape[0],), 1))),
+                     ("mo_dtype=bfloat16", dict(mo_dtype=torch.bfloat16)),
+                     ("mo_dtype=float16", dict(mo_dtype=torch.float16)), ("in_place", dict(in_place=True))):
+        label[0] = f"sigma dpmpp_2m_sde {name}"
+        launch(**{"plan": base, **kw})
+    for method, mo_dtype in (("dpmpp_2m", torch.float32), ("heun", torch.bfloat16), ("euler", torch.float32)):
+        label[0] = f"graph sigma {method} {str(mo_dtype).replace('torch.', '')}"
+        mo = _like(shape, cl, mo_dtype)
+        opts = dict(method=method, plan=plan_of(method, **(dict(s_churn=1.0) if method == "euler" else {})))
+        plan = graphs.SigmaLoopPlan(lambda x, t: mo, S, shape, torch.device("cpu"), opts,
+                                    layout=torch.channels_last if cl else torch.contiguous_format)
+        plan.begin()
+        plan.step()
+
+
+RECIPES = [recipe_ops_steps, recipe_q_sample, recipe_noise, recipe_graph_loop, recipe_dpm, recipe_half_inputs,
+           recipe_sigma]
 
 
 def record_launches():
