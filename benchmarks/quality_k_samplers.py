@@ -96,15 +96,21 @@ def run_one(model, judge, method, steps, seed, n, batch_size, samples_dir, runs=
         arr = np.load(npz(big))["arr_0"][:n]
         return {"method": method, "steps": steps, "nfe": nfe, "seed": seed, **judge(arr),
                 "from": f"the first {n} images of the n={big} run"}
+    # ... and a smaller run's images are this run's first ones: sample only the rest (sample_offset)
+    smaller = sorted(r["n"] for r in (runs or {}).values()
+                     if (r["method"], r["steps"], str(r["seed"])) == (method, steps, str(seed)) and r["n"] < n
+                     and os.path.isfile(npz(r["n"])))
+    head = np.load(npz(smaller[-1]))["arr_0"] if smaller else np.zeros((0, 16, 16, 1), np.uint8)
     t0 = time.perf_counter()
-    x = fastddpm.sample(model, n, steps=steps, method=method, seed=seed, batch_size=batch_size,
-                        backend="reference", prediction=getattr(model, "fastddpm_prediction", "eps"))
+    x = fastddpm.sample(model, n - len(head), steps=steps, method=method, seed=seed, batch_size=batch_size,
+                        backend="reference", prediction=getattr(model, "fastddpm_prediction", "eps"),
+                        sample_offset=len(head))
     seconds = time.perf_counter() - t0
-    arr = to_uint8_nhwc(x)
+    arr = np.concatenate([head, to_uint8_nhwc(x)])
     os.makedirs(samples_dir, exist_ok=True)
     np.savez(os.path.join(samples_dir, f"{_key(method, steps, seed, n)}.npz"), arr_0=arr)
     return {"method": method, "steps": steps, "nfe": nfe, "seed": seed, **judge(arr), "seconds": seconds,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), **({"sampled": f"images {len(head)}..{n - 1}"} if smaller else {})}
 
 
 def pooled(judge, method, steps, seeds, n, samples_dir):
