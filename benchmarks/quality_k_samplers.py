@@ -145,7 +145,7 @@ def table(data, seeds, steps_list) -> str:
             nfe = next(r["nfe"] for r in rows if r)
             cells = [("not measured" if r is None else f"{r['fd']:.2f} over {r['n']} ({r['fd_297']:.2f})"
                       if r["n"] > 297 else f"({r['fd_297']:.2f}), 297 only") for r in rows]
-            p = _row(runs, method, k, pooled_seed)
+            p = _row(runs, method, k, pooled_seed) if len(seeds) > 1 else None
             pc = f"{p['fd']:.2f} over {p['n']}" if p else "not measured"
             rel = f"{100 * (p['fd'] / README_DDPM_1000['pooled'] - 1):+.1f}%" if p and p["n"] == 2000 else ""
             lines.append(f"| {method} | {k} | {nfe} | " + " | ".join(cells) + f" | {pc} | {rel} |")
@@ -156,48 +156,68 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0)]
 
 
-def plot(data, seed, steps_list, path, width=960, height=580):
-    """FD over the first 297 images of `seed` (the figure every method has) against NFE."""
+def plot_figure(data, seeds, steps_list):
+    """What the PNG plots: the pooled FD where every point has it, else seed seeds[0]'s FD over
+    1000 images where every point has it, else its FD over the first 297 (every run has that).
+    Returns (points {method: [(nfe, fd, steps)]}, label, DDPM-1000's figure under the same protocol)."""
+    runs, s0, ps = data["runs"], seeds[0], "+".join(map(str, seeds))
+    choices = [(ps, 2000, "fd", f"pooled seeds {' + '.join(map(str, seeds))}, 2000 images", "pooled")] \
+        if len(seeds) > 1 else []
+    choices += [(s0, 1000, "fd", f"seed {s0}, 1000 images", f"seed {s0}"),
+                (s0, 297, "fd_297", f"seed {s0}, first 297 images", f"seed {s0} (first 297)")]
+    for seed, n, fig, label, ref in choices:
+        pts = {}
+        for method in ORDER:
+            rows = [(_row(runs, method, k, seed), _row(runs, method, k, s0)) for k in steps_list]
+            if any(r for r, _ in rows):
+                pts[method] = sorted((r0["nfe"], r[fig], r["steps"]) for r, r0 in rows if r and r["n"] >= n)
+        want = {m: len([k for k in steps_list if _row(runs, m, k, s0)]) for m in ORDER}
+        if pts and all(len(pts.get(m, [])) == w for m, w in want.items()):
+            return pts, label, README_DDPM_1000.get(ref) if seeds[0] in (0, 1) else None
+    return {}, "", None
+
+
+def plot(data, seeds, steps_list, path, width=960, height=580):
+    """FD (log scale) against NFE per method, the figure of plot_figure."""
+    import math
+
     from PIL import Image, ImageDraw
 
-    pts = {}
-    for method in ORDER:
-        line = [(r["nfe"], r["fd_297"], r["steps"]) for k in steps_list if (r := _row(data["runs"], method, k, seed))]
-        if line:
-            pts[method] = sorted(line)
+    pts, label, ddpm = plot_figure(data, seeds, steps_list)
     if not pts:
         return
-    refs = [(f"DDPM 1000 steps, seed {seed}, first 297 (README)", README_DDPM_1000[f"seed {seed} (first 297)"]),
-            ("297 held-out real digits (README)", HELDOUT_297)] if seed in (0, 1) else []
+    refs = [("DDPM 1000 steps (README, same protocol)", ddpm)] if ddpm else []
+    if "297" in label:
+        refs.append(("297 held-out real digits (README)", HELDOUT_297))
     xs = [p[0] for line in pts.values() for p in line]
     ys = [p[1] for line in pts.values() for p in line] + [v for _, v in refs]
     x_lo, x_hi = 0, 5 * int((max(xs) + 6) // 5)
-    y_lo, y_hi = 0, max(ys) * 1.12
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if min(ys) / 1.5 <= t <= max(ys) * 1.5]
+    y_lo, y_hi = math.log10(min(ys) / 1.3), math.log10(max(ys) * 1.3)
     L, R, T, B = 60, 210, 40, 50  # margins; the legend sits on the right
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     pw, ph = width - L - R, height - T - B
 
     def at(x, y):
-        return L + pw * (x - x_lo) / (x_hi - x_lo), T + ph * (1 - (y - y_lo) / (y_hi - y_lo))
+        return L + pw * (x - x_lo) / (x_hi - x_lo), T + ph * (1 - (math.log10(y) - y_lo) / (y_hi - y_lo))
 
-    d.text((10, 8), f"shipped digits model: FD (fastddpm eval, first 297 images of noise seed {seed}) against model "
-                    "evaluations; k-diffusion samplers, Karras sigmas, 10 and 20 steps", fill="black")
+    d.text((10, 8), f"shipped digits model: FD (fastddpm eval; {label}; log scale) against model evaluations; "
+                    "k-diffusion samplers, Karras sigmas, 10 and 20 steps", fill="black")
     d.rectangle([L, T, L + pw, T + ph], outline="black")
-    for i in range(6):  # ticks
-        yv = y_lo + (y_hi - y_lo) * i / 5
-        _, y = at(0, yv)
+    for yv in ticks:
+        _, y = at(1, yv)
         d.line([L - 4, y, L, y], fill="black")
-        d.text((L - 34, y - 6), f"{yv:.1f}", fill="black")
+        d.text((L - 34, y - 6), f"{yv}", fill="black")
     for xv in range(x_lo, x_hi + 1, 5):
-        x, _ = at(xv, 0)
+        x, _ = at(xv, 1)
         d.line([x, T + ph, x, T + ph + (4 if xv % 10 else 8)], fill="black")
         if xv % 10 == 0:
             d.text((x - 6, T + ph + 10), f"{xv}", fill="black")
     d.text((L + pw // 2 - 90, height - 22), "model evaluations (NFE) per image", fill="black")
     d.text((8, T - 14), "FD (lower is better)", fill="black")
     for name, v in refs:  # dashed reference lines
-        _, yr = at(0, v)
+        _, yr = at(1, v)
         for x in range(L, L + pw, 12):
             d.line([x, yr, min(x + 6, L + pw), yr], fill=(120, 120, 120))
         d.text((L + 6, yr - 14), f"{name}: {v}", fill=(90, 90, 90))
@@ -247,7 +267,6 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality_k_samplers.json"))
     p.add_argument("--samples-dir", default="/tmp/fastddpm-quality-k", help="uint8 samples per run (for pooling)")
     p.add_argument("--png", default=os.path.join(HERE, "..", "docs", "fd_vs_nfe.png"))
-    p.add_argument("--plot-seed", type=int, default=0, help="the PNG plots this seed's FD over its first 297 images")
     p.add_argument("--readme", default=None, help="rewrite this README's k-quality table")
     p.add_argument("--plot-only", action="store_true", help="no sampling: table, PNG and README from the JSON")
     p.add_argument("--threads", type=int, default=None)
@@ -280,7 +299,7 @@ def main(argv=None):
     _save_json(data, a.out)
     text = table(data, a.seeds, sorted(a.steps))
     print(text)
-    plot(data, a.plot_seed, sorted(a.steps), a.png)
+    plot(data, a.seeds, sorted(a.steps), a.png)
     if a.readme:
         update_readme(a.readme, text)
 
