@@ -15,8 +15,8 @@ Contenders, per sampler and batch:
 The figure is ms per model evaluation: a loop's time over its NFE (k-diffusion's count, which
 fastddpm.sampler.model_evaluations gives: heun at K steps makes 2K - 1 calls); diffusers' two
 schedulers make K calls. The model: fastddpm's ddpm-cifar10 preset on a GPU (batch 1, 16, 128,
-20 steps), the tiny preset on the CPU (batch 1 and 4, 3 steps) so that this file runs in CI in
-well under a minute. Timing never decides pass or fail.
+20 steps), the tiny preset on the CPU (batch 1 and 4, 3 steps; fused at batch 1 only) so that
+this file runs in CI in about a minute. Timing never decides pass or fail.
 """
 import os
 import sys
@@ -99,6 +99,8 @@ def test_k_sampler(benchmark, record, method, contender, batch):
             fastddpm.sampler.resolve_backend("graph", DEVICE)
         except ValueError as e:
             pytest.skip(str(e))
+    if contender == "fused" and not CUDA and batch > 1:
+        pytest.skip("fused on the CPU runs under Triton's interpreter (about a second per evaluation): batch 1 only")
     if contender == "diffusers" and method not in DIFFUSERS:
         pytest.skip(f"no diffusers scheduler loop measured for {method}")
     model, s = model_and_schedule()
@@ -111,7 +113,9 @@ def test_k_sampler(benchmark, record, method, contender, batch):
     else:
         fn = lambda: fastddpm.sample(model, batch, shape=shape, schedule=s, steps=STEPS, method=method,  # noqa: E731
                                      backend=contender, seed=0)
-    sec = run_rounds(benchmark, [fn], calls_per_round=1, rounds=5 if CUDA else 2)
+    fn()  # an extra warm-up call: caches, the peer's imports, first-call allocations
+    # CPU: a shared machine's noise is large against a 3-step loop; more rounds where a loop is cheap
+    sec = run_rounds(benchmark, [fn], calls_per_round=1, rounds=5 if CUDA else 2 if contender == "fused" else 7)
     figs = dict(ms_per_eval=1e3 * sec / nfe, nfe=nfe, steps=STEPS, images_per_s=batch / sec)
     if contender == "fused" and not CUDA:
         figs["note"] = "Triton interpreter (CPU)"
