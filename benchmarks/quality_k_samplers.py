@@ -14,8 +14,12 @@ fastddpm.sampler.model_evaluations (k-diffusion's count: heun at K steps makes 2
 
 Each run's uint8 images are kept in --samples-dir (so pooled rows need no resampling) and its
 figures are written to --out (JSON) as soon as it finishes; a rerun skips the runs already in
-the JSON. The PNG (--png) plots FD against NFE per method (pooled FD where both seeds are done,
-else the mean of the seeds done, marked), with the README's DDPM-1000 figure as a reference line.
+the JSON, and a run with more images than one already done samples only the rest
+(sample_offset). Images equal the CLI's up to float rounding (the CPU convolutions round
+differently per batch size, --batch-size 250 here, min(n, 256) in the CLI: now and then one
+uint8 level). The PNG (--png) plots FD (log scale) against NFE per method: the pooled FD if
+every point has it, else the first seed's over n = 1000, else over its first 297, with the
+README's DDPM-1000 figure under the same protocol as a reference line.
 --readme rewrites the table between <!-- k-quality:start --> and <!-- k-quality:end -->.
 """
 from __future__ import annotations
