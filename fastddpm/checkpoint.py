@@ -86,37 +86,31 @@ def read(path: str, device="cpu"):
     device = check_device(device)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    why = _sniff(path)
-    if why is not None:
-        raise ValueError(why)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k).to(device) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path!r} is a truncated or corrupt safetensors file ({e}); copy or write it "
-                         "again") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is a safetensors file but not a fastddpm checkpoint (format="
-                         f"{meta.get('format')!r}); for diffusers weights use fastddpm.compat.load_diffusers_unet")
-    return tensors, meta
+    return _open(path, lambda f: {k: f.get_tensor(k).to(device) for k in f.keys()},
+                 hint="; for diffusers weights use fastddpm.compat.load_diffusers_unet")
 
 
 def read_metadata(path: str) -> dict:
     """The metadata of a fastddpm safetensors file, without reading its tensors (the same checks as `read`)."""
+    return _open(path, lambda f: None)[1]
+
+
+def _open(path: str, take, hint: str = ""):
+    """(take(the open file), metadata) of a fastddpm safetensors file, or a ValueError saying what it is."""
     why = _sniff(path)
     if why is not None:
         raise ValueError(why)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
+            got = take(f)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path!r} is a truncated or corrupt safetensors file ({e}); copy or write it "
                          "again") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path!r} is a safetensors file but not a fastddpm checkpoint (format="
-                         f"{meta.get('format')!r})")
-    return meta
+                         f"{meta.get('format')!r}){hint}")
+    return got, meta
 
 
 def schedule_meta(kind: str, num_timesteps: int) -> str:
