@@ -44,14 +44,14 @@ at sigma_min without denoising), interpolation_type="log_linear" (k + 1 levels f
 the same), rescale_betas_zero_snr, prediction_type="sample" for EulerAncestral and KDPM2 (their
 step raises), noise levels that are not strictly decreasing and end in 0 (e.g. a custom sigmas=
 list without the 0), and for DPM-Solver with Karras sigmas every refusal of
-diffusers_schedule.dpm_solver_options (thresholding, solver_order 3, algorithm_type "dpmsolver" /
+diffusers_config.dpm_solver_options (thresholding, solver_order 3, algorithm_type "dpmsolver" /
 "sde-dpmsolver", variance_type, lambda_min_clipped, the other sigma families).
 """
 from __future__ import annotations
 
 import torch
 
-from .diffusers_schedule import PREDICTION_FROM_DIFFUSERS, _cfg
+from .diffusers_config import PREDICTION_FROM_DIFFUSERS, _cfg, dpm_solver_options
 
 __all__ = ["SIGMA_SCHEDULERS", "RECORD", "is_sigma_scheduler", "sigma_options", "sigma_schedule",
            "sigma_sample_kwargs"]
@@ -79,7 +79,6 @@ def sigma_options(scheduler) -> dict:
     """method, prediction, clip and the method's options of a scheduler this module maps."""
     kind = type(scheduler).__name__
     if kind == "DPMSolverMultistepScheduler":
-        from .diffusers_schedule import dpm_solver_options
 
         o = dpm_solver_options(scheduler)  # its other refusals (thresholding, sigma_min, solver_order 3, ...)
         sde = o["method"] == "sde-dpmsolver++"
