@@ -430,3 +430,36 @@ def test_cli_classes_options(tmp_path, capsys):
     assert json.loads(ck.read_metadata(run + "/checkpoint.safetensors")["config"])["label_dropout"] == 0.3
     assert main(["train", "--out", run, "--steps", "3", "--resume", "--label-dropout", "0.1"]) == 2
     assert "--label-dropout 0.3" in capsys.readouterr().err
+
+
+def test_shipped_models_load_by_name(tmp_path, monkeypatch):
+    """load() and load("digits"): the unconditional digits model; load("digits-cond"): UNet(num_classes=10)
+    whose output depends on the label; an unknown name that is no path is an error listing the names."""
+    from fastddpm.unet import UNet
+
+    plain, by_name = fastddpm.load(), fastddpm.load("digits")
+    assert plain.num_classes is None
+    for a, b in zip(plain.state_dict().values(), by_name.state_dict().values()):
+        assert torch.equal(a, b)
+    cond = fastddpm.load("digits-cond")
+    assert isinstance(cond, UNet) and cond.num_classes == cond.null_class == 10
+    assert cond.fastddpm_prediction == "eps" and cond.fastddpm_schedule.num_steps == 1000
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)).expand(11, -1, -1, -1)
+    with torch.no_grad():
+        out = cond(x, torch.full((11,), 500), torch.arange(11))  # the 10 digits and the null class
+    gaps = torch.cdist(out.flatten(1), out.flatten(1)) / out.flatten(1).norm(dim=1).mean()
+    assert gaps[~torch.eye(11, dtype=torch.bool)].min() > 1e-2, "some labels give (nearly) the same output"
+    from fastddpm.diffusion import predict_x0
+    from fastddpm.quality import load_classifier
+
+    with torch.no_grad():  # the label steers the prediction: x0 predicted from x_t at t = 500 reads as the digit
+        read = load_classifier()(predict_x0(cond.fastddpm_schedule, x[:10], 500, out[:10]).clamp(-1, 1)).argmax(1)
+    assert (read == torch.arange(10)).sum() >= 8, read.tolist()
+    with pytest.raises(ValueError, match="pass y"):
+        cond(x, torch.full((11,), 500))
+    with pytest.raises(FileNotFoundError, match=r"no run folder or checkpoint file at 'digit-cond'.*'digits-cond'"):
+        fastddpm.load("digit-cond")
+    monkeypatch.chdir(tmp_path)  # a folder named like a shipped model is loaded as the folder it is
+    (tmp_path / "digits").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor checkpoint.safetensors"):
+        fastddpm.load("digits")
