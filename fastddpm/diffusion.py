@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from . import dpm_solver, rng
+from . import dpm_solver, guidance, rng
 from .schedule import ROW, Schedule
 
 __all__ = ["q_sample", "predict_x0", "predict_eps", "eps_from_x0", "training_target", "posterior_mean",
@@ -154,9 +154,14 @@ def _add_noise(t, x, mean, std, noise):
 
 
 # ---------------------------------------------------------------------- reverse steps
+def guidance_apply(model_output, cfg, x):
+    """A step's model output after classifier-free guidance (fastddpm.guidance.combine), or itself."""
+    return model_output if cfg is None else guidance.combine(model_output, cfg, x)
+
+
 def ddpm_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None,
               *, prediction: str = "eps", variance: str = "fixed_small", clip: float | None = 1.0,
-              seed: int | None = None, sample_offset: int = 0, return_x0: bool = False):
+              seed: int | None = None, sample_offset: int = 0, return_x0: bool = False, guidance=None):
     """One ancestral DDPM step x_t -> x_{t-1} (Ho et al. Algorithm 2, eq. 7 and 11).
 
     x_t: (B, C, ...) float; t: step index int or LongTensor (B,);
@@ -164,7 +169,11 @@ def ddpm_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
     noise: (B, C, ...) standard normal (ignored where t == 0), or None with seed=<int> to
     draw sample b's noise from the stream at (seed, sample_offset + b, tag=t[b]).
     Returns x_{t-1} float32 (and the clipped predicted x0 if return_x0).
+    guidance: classifier-free guidance (fastddpm.guidance): None, a scale w, or a
+    fastddpm.guidance.CFG; model_output is then the doubled batch (2B, ...), conditional rows
+    first, or a pair (out_c, out_u), combined before the step (all steps take it).
     """
+    model_output = guidance_apply(model_output, guidance, x_t)
     t, _, clip = C.check_step_args(s, x_t, t, model_output, noise, ddim=False, eta=0.0, prediction=prediction,
                                    variance=variance, clip=clip, seed=seed, sample_offset=sample_offset,
                                    use_clipped_model_output=False)
@@ -185,15 +194,16 @@ def ddpm_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noi
 def ddim_step(s: Schedule, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None,
               *, eta: float = 0.0, prediction: str = "eps", clip: float | None = 1.0,
               seed: int | None = None, sample_offset: int = 0, return_x0: bool = False,
-              use_clipped_model_output: bool = False):
+              use_clipped_model_output: bool = False, guidance=None):
     """One DDIM step x_t -> x_{t-1} (Song et al. 2021 eq. 12), between consecutive steps of `s`.
 
     eta=0 is deterministic (noise may be None); eta=1 has DDPM's fixed_small variance.
     The direction term uses the raw model eps even when x0 is clipped (diffusers' default);
     use_clipped_model_output=True re-derives it from the clipped x0 (`eps_from_x0`), as
     improved-diffusion, denoising-diffusion-pytorch and diffusers' option of that name do.
-    Shapes and noise as in `ddpm_step`; returns float32 x_{t-1} (and x0 if return_x0).
+    Shapes, noise and guidance as in `ddpm_step`; returns float32 x_{t-1} (and x0 if return_x0).
     """
+    model_output = guidance_apply(model_output, guidance, x_t)
     t, eta, clip = C.check_step_args(s, x_t, t, model_output, noise, ddim=True, eta=eta, prediction=prediction,
                                      variance="fixed_small", clip=clip, seed=seed, sample_offset=sample_offset,
                                      use_clipped_model_output=use_clipped_model_output)
@@ -223,7 +233,7 @@ def _row_at(row, t, x):
 def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0: torch.Tensor | None = None,
                     noise: torch.Tensor | None = None, *, method: str = "dpmsolver++", order: int = 2,
                     solver_type: str = "midpoint", prediction: str = "eps", clip: float | None = None,
-                    seed: int | None = None, sample_offset: int = 0):
+                    seed: int | None = None, sample_offset: int = 0, guidance=None):
     """One DPM-Solver++ step from step t to t - 1 (sigma 0 after t = 0); the coefficients and their
     derivation (Lu et al. 2022) are in fastddpm/dpm_solver.py.
 
@@ -234,8 +244,9 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
     whose noise coefficient is 0), or None with seed=<int>: drawn from the stream at
     (seed, sample_offset + b, tag=t[b]). clip=c clamps x0 to [-c, c] (diffusers has none here).
     Returns (x_{t-1}, x0): the new state and this step's x0, both float32, the x0 to pass as
-    prev_x0 to the next step.
+    prev_x0 to the next step. guidance: as in `ddpm_step`.
     """
+    model_output = guidance_apply(model_output, guidance, x_t)
     t, clip = dpm_solver.check_dpm_step_args(s, x_t, t, model_output, prev_x0, noise, method, order, solver_type,
                                              prediction, clip, seed, sample_offset)
     at_zero = isinstance(t, int) and t == 0

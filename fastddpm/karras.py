@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import _checks as C
+from . import guidance as guidance_mod
 from . import rng
 from .sigmas import ancestral_step, denoiser_scalings, recorded_timesteps, sigma_to_t
 
@@ -480,12 +481,15 @@ def check_sigma_step_args(plan, x, k, model_output, history, noise, seed, sample
 
 
 def sigma_step(plan: SigmaPlan, x: torch.Tensor, k, model_output: torch.Tensor, history=(), noise=None, *,
-               seed: int | None = None, sample_offset: int = 0):
+               seed: int | None = None, sample_offset: int = 0, guidance=None):
     """One stage of a k-diffusion sampler (the reference update; `fastddpm.ops.sigma_step` is the
     fused one): x (B, C, ...) the state (the model input of stage k), model_output the model's
     output on it, history the plan.num_history tensors like x (h0 newest). noise: standard normal
     like x, or None with seed=<int> to draw sample b's noise from the stream (tag plan.tag[k]).
+    guidance: as in fastddpm.diffusion.ddpm_step (model_output then the doubled batch or a pair).
     Returns (the next state, the new history), float32."""
+    if guidance is not None:
+        model_output = guidance_mod.combine(model_output, guidance, x)
     k, history = check_sigma_step_args(plan, x, k, model_output, history, noise, seed, sample_offset)
     tab = plan.table(x.device)
     r = {name: _at(tab[ROW[name]], k, x) for name in ROWS}

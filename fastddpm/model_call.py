@@ -32,10 +32,11 @@ from . import _checks as C
 __all__ = ["call_model", "make_forward", "input_layout"]
 
 
-def call_model(model, x: torch.Tensor, timesteps: torch.Tensor, *cond) -> torch.Tensor:
-    """model(x, t, *cond) -> tensor; accepts outputs with `.sample` (diffusers) or tuples.
-    cond is (x_self_cond,) for a self-conditioned model, else empty."""
-    out = model(x, timesteps, *cond)
+def call_model(model, x: torch.Tensor, timesteps: torch.Tensor, *cond, **kw) -> torch.Tensor:
+    """model(x, t, *cond, **kw) -> tensor; accepts outputs with `.sample` (diffusers) or tuples.
+    cond is (x_self_cond,) for a self-conditioned model, else empty; kw the conditioning keywords
+    (class labels under the model's own name, sample()'s cond / uncond: fastddpm.guidance)."""
+    out = model(x, timesteps, *cond, **kw)
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "sample"):
@@ -138,10 +139,10 @@ def _compiled_calls_get(model):
 def _new_compiled_call(model):
     ref, warned = _weak(model), []
 
-    def model_call(x, t, *cond):
+    def model_call(x, t, *cond, **kw):
         if not torch.compiler.is_compiling():  # only reached when Dynamo did not compile this call
             _warn_uncompiled(ref(), warned)
-        return call_model(ref(), x, t, *cond)
+        return call_model(ref(), x, t, *cond, **kw)
 
     name = f"fastddpm_model_call_{id(model):x}"
     code = model_call.__code__.replace(co_name=name)
@@ -168,7 +169,7 @@ def _warn_uncompiled(model, warned):
 
 
 def make_forward(model, model_dtype, autocast, compile=False, batch=None):
-    """forward(x float32, t[, x_self_cond float32]) -> model output: x (and x_self_cond) cast to
+    """forward(x float32, t[, x_self_cond float32], **conditioning) -> model output: x (and x_self_cond) cast to
     the model's dtype, autocast when the weights are float32 and dtype= asked for half
     precision, no autograd.
 
@@ -179,9 +180,9 @@ def make_forward(model, model_dtype, autocast, compile=False, batch=None):
     along dim 0, so every short batch of a model shares one compiled graph (Dynamo still
     specialises a batch of 1)."""
     ref = _weak(model)
-    call = _compiled_call(model) if compile else (lambda x, t, *cond: call_model(ref(), x, t, *cond))
+    call = _compiled_call(model) if compile else (lambda x, t, *cond, **kw: call_model(ref(), x, t, *cond, **kw))
 
-    def forward(x, t, *cond):
+    def forward(x, t, *cond, **kw):
         xm = x.to(model_dtype)
         cm = tuple(c.to(model_dtype) for c in cond)
         if compile:
@@ -191,9 +192,12 @@ def make_forward(model, model_dtype, autocast, compile=False, batch=None):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 for c in cm:
                     torch._dynamo.maybe_mark_dynamic(c, 0)
+                for v in kw.values():
+                    if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == x.shape[0]:
+                        torch._dynamo.maybe_mark_dynamic(v, 0)
         with torch.autocast(x.device.type, dtype=model_dtype, enabled=autocast, cache_enabled=False), \
                 torch.no_grad():
-            return call(xm, t, *cm)
+            return call(xm, t, *cm, **kw)
 
     return forward
 

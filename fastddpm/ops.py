@@ -26,6 +26,7 @@ import torch
 
 from . import _checks as C
 from . import diffusion, dpm_solver
+from . import guidance as guidance_mod
 
 __all__ = ["q_sample", "ddpm_step", "ddim_step", "dpm_solver_step", "sigma_step", "kernels_available", "backend_for"]
 
@@ -112,18 +113,38 @@ def q_sample(s, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed:
     return q_mod.q_sample_forward(s, x0, t, noise, seed, sample_offset)
 
 
+def _guided(guidance, model_output, x, variance="fixed_small"):
+    """(cfg or None, out_c, out_u or None): a guided step's two model outputs, validated."""
+    if guidance is None:
+        return None, model_output, None
+    cfg = guidance_mod.check_cfg(guidance)
+    mo_c, mo_u = guidance_mod.split_output(model_output, x)
+    C.check_model_output(mo_u, x, variance)
+    if mo_u.dtype != mo_c.dtype or mo_u.device != mo_c.device:
+        raise ValueError(f"model_output: the unconditional output ({mo_u.dtype}, {mo_u.device}) differs from the "
+                         f"conditional one ({mo_c.dtype}, {mo_c.device})")
+    if isinstance(cfg.scale, torch.Tensor) and cfg.scale.device != x.device:
+        raise ValueError(f"guidance scale tensor is on {cfg.scale.device}, x on {x.device}; put it on x's device")
+    return cfg, mo_c, mo_u
+
+
+def _pair(mo_c, mo_u):
+    return mo_c if mo_u is None else (mo_c, mo_u)
+
+
 def _step(ref_fn, s, x_t, t, model_output, noise, *, ddim, eta, prediction, variance, clip, seed,
-          sample_offset, return_x0, out, use_clipped_model_output=False):
+          sample_offset, return_x0, out, use_clipped_model_output=False, guidance=None):
+    cfg, model_output, mo_u = _guided(guidance, model_output, x_t, variance)
     t, eta, clip = C.check_step_args(s, x_t, t, model_output, noise, ddim=ddim, eta=eta, prediction=prediction,
                                      variance=variance, clip=clip, seed=seed, sample_offset=sample_offset,
                                      use_clipped_model_output=use_clipped_model_output)
-    _check_out(out, x_t, {"x_t": x_t, "model_output": model_output, "noise": noise})
+    _check_out(out, x_t, {"x_t": x_t, "model_output": model_output, "noise": noise, "uncond_output": mo_u})
     if x_t.shape[0] == 0:
         return _empty_result(x_t, return_x0, out)
     if not _use_kernels(x_t):
         kw = dict(eta=eta, use_clipped_model_output=use_clipped_model_output) if ddim else dict(variance=variance)
-        res = ref_fn(s, x_t, t, model_output, noise, prediction=prediction, clip=clip, seed=seed,
-                     sample_offset=sample_offset, return_x0=return_x0, **kw)
+        res = ref_fn(s, x_t, t, _pair(model_output, mo_u), noise, prediction=prediction, clip=clip, seed=seed,
+                     sample_offset=sample_offset, return_x0=return_x0, guidance=cfg, **kw)
         if out is not None:
             out.copy_(res[0] if return_x0 else res)
             res = (out, res[1]) if return_x0 else out
@@ -131,43 +152,49 @@ def _step(ref_fn, s, x_t, t, model_output, noise, *, ddim, eta, prediction, vari
     _, step_mod = _load_kernels()
     return step_mod.step_forward(s, x_t, t, model_output, noise, ddim=ddim, eta=eta, prediction=prediction,
                                  variance=variance, clip=clip, seed=seed, sample_offset=sample_offset,
-                                 return_x0=return_x0, out=out, use_clipped_model_output=use_clipped_model_output)
+                                 return_x0=return_x0, out=out, use_clipped_model_output=use_clipped_model_output,
+                                 guidance=cfg, uncond_output=mo_u)
 
 
 def ddpm_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None, *,
               prediction: str = "eps", variance: str = "fixed_small", clip: float | None = 1.0,
               seed: int | None = None, sample_offset: int = 0, return_x0: bool = False,
-              out: torch.Tensor | None = None):
-    """Fused `fastddpm.diffusion.ddpm_step`: one launch for x0, clipping, posterior mean and noise."""
+              out: torch.Tensor | None = None, guidance=None):
+    """Fused `fastddpm.diffusion.ddpm_step`: one launch for x0, clipping, posterior mean and noise.
+    With guidance (w, or a fastddpm.guidance.CFG) the launch reads both halves of the doubled
+    model output and applies the combine itself (one more small launch for the per-sample
+    reduction of guidance rescale / parallel)."""
     return _step(diffusion.ddpm_step, s, x_t, t, model_output, noise, ddim=False, eta=0.0, prediction=prediction,
                  variance=variance, clip=clip, seed=seed, sample_offset=sample_offset, return_x0=return_x0,
-                 out=out)
+                 out=out, guidance=guidance)
 
 
 def ddim_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, noise: torch.Tensor | None = None, *,
               eta: float = 0.0, prediction: str = "eps", clip: float | None = 1.0, seed: int | None = None,
               sample_offset: int = 0, return_x0: bool = False, out: torch.Tensor | None = None,
-              use_clipped_model_output: bool = False):
+              use_clipped_model_output: bool = False, guidance=None):
     """Fused `fastddpm.diffusion.ddim_step` (Song et al. 2021 eq. 12) in one launch; with
-    use_clipped_model_output=True the direction term's eps is re-derived from the clipped x0."""
+    use_clipped_model_output=True the direction term's eps is re-derived from the clipped x0.
+    guidance: as in `ddpm_step`."""
     return _step(diffusion.ddim_step, s, x_t, t, model_output, noise, ddim=True, eta=eta, prediction=prediction,
                  variance="fixed_small", clip=clip, seed=seed, sample_offset=sample_offset, return_x0=return_x0,
-                 out=out, use_clipped_model_output=use_clipped_model_output)
+                 out=out, use_clipped_model_output=use_clipped_model_output, guidance=guidance)
 
 
 def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0: torch.Tensor | None = None,
                     noise: torch.Tensor | None = None, *, method: str = "dpmsolver++", order: int = 2,
                     solver_type: str = "midpoint", prediction: str = "eps", clip: float | None = None,
                     seed: int | None = None, sample_offset: int = 0, out: torch.Tensor | None = None,
-                    x0_out: torch.Tensor | None = None):
+                    x0_out: torch.Tensor | None = None, guidance=None):
     """Fused `fastddpm.diffusion.dpm_solver_step` (Lu et al. 2022): one launch reads x, the model
     output and prev_x0 and writes the new x and this step's x0; returns (x_{t-1}, x0).
 
     out / x0_out: float32 buffers shaped like x_t to write into; they may be x_t / prev_x0
-    themselves (the loop's in-place update)."""
+    themselves (the loop's in-place update). guidance: as in `ddpm_step`."""
+    cfg, model_output, mo_u = _guided(guidance, model_output, x_t)
     t, clip = dpm_solver.check_dpm_step_args(s, x_t, t, model_output, prev_x0, noise, method, order, solver_type,
                                              prediction, clip, seed, sample_offset)
-    inputs = {"x_t": x_t, "model_output": model_output, "prev_x0": prev_x0, "noise": noise}
+    inputs = {"x_t": x_t, "model_output": model_output, "prev_x0": prev_x0, "noise": noise, "uncond_output": mo_u}
     _check_out(out, x_t, inputs, outputs={"x0_out": x0_out})
     _check_out(x0_out, x_t, inputs, "x0_out")
     if x_t.shape[0] == 0:
@@ -175,28 +202,29 @@ def dpm_solver_step(s, x_t: torch.Tensor, t, model_output: torch.Tensor, prev_x0
         return _empty_result(x_t, out=out), x0
     kw = dict(method=method, order=order, solver_type=solver_type, prediction=prediction, clip=clip)
     if not _use_kernels(x_t):
-        x, x0 = diffusion.dpm_solver_step(s, x_t, t, model_output, prev_x0, noise, seed=seed,
-                                           sample_offset=sample_offset, **kw)
+        x, x0 = diffusion.dpm_solver_step(s, x_t, t, _pair(model_output, mo_u), prev_x0, noise, seed=seed,
+                                           sample_offset=sample_offset, guidance=cfg, **kw)
         return (out.copy_(x) if out is not None else x), (x0_out.copy_(x0) if x0_out is not None else x0)
     from fastddpm.kernels import dpm as dpm_mod
 
     return dpm_mod.dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, seed=seed, sample_offset=sample_offset,
-                                    out=out, x0_out=x0_out, **kw)
+                                    out=out, x0_out=x0_out, guidance=cfg, uncond_output=mo_u, **kw)
 
 
 def sigma_step(plan, x: torch.Tensor, k, model_output: torch.Tensor, history=(), noise: torch.Tensor | None = None, *,
                seed: int | None = None, sample_offset: int = 0, out: torch.Tensor | None = None,
-               history_out=None):
+               history_out=None, guidance=None):
     """Fused `fastddpm.karras.sigma_step`: one launch reads x, the model output and the history the
     stage needs, and writes the next state and the new history; returns (x_next, history).
 
     out: a float32 buffer like x to write (may be x itself). history_out: float32 tensors like x
     to write the new history into (may be `history` itself: the loop's in-place update); without
-    it the new history is returned in new tensors, as the reference does."""
+    it the new history is returned in new tensors, as the reference does. guidance: as in `ddpm_step`."""
     from . import karras
 
+    cfg, model_output, mo_u = _guided(guidance, model_output, x)
     k, history = karras.check_sigma_step_args(plan, x, k, model_output, history, noise, seed, sample_offset)
-    inputs = {"x": x, "model_output": model_output, "noise": noise,
+    inputs = {"x": x, "model_output": model_output, "noise": noise, "uncond_output": mo_u,
               **{f"history[{j}]": h for j, h in enumerate(history)}}
     if history_out is not None:
         history_out = tuple(history_out)
@@ -210,8 +238,8 @@ def sigma_step(plan, x: torch.Tensor, k, model_output: torch.Tensor, history=(),
         return _empty_result(x, out=out), tuple(history_out or (torch.empty_like(h, dtype=torch.float32)
                                                                  for h in history))
     if not _use_kernels(x):
-        x_next, hist = karras.sigma_step(plan, x, k, model_output, history, noise, seed=seed,
-                                         sample_offset=sample_offset)
+        x_next, hist = karras.sigma_step(plan, x, k, _pair(model_output, mo_u), history, noise, seed=seed,
+                                         sample_offset=sample_offset, guidance=cfg)
         if out is not None:
             x_next = out.copy_(x_next)
         if history_out is not None:
@@ -227,4 +255,4 @@ def sigma_step(plan, x: torch.Tensor, k, model_output: torch.Tensor, history=(),
             if o is not h:
                 o.copy_(h)
     return sigma_mod.sigma_step_forward(plan, x, k, model_output, work, noise, seed=seed,
-                                        sample_offset=sample_offset, out=out)
+                                        sample_offset=sample_offset, out=out, guidance=cfg, uncond_output=mo_u)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from . import diffusion, dpm_solver, karras, methods, rng
+from . import diffusion, dpm_solver, guidance, karras, methods, rng
 from . import sigmas as sigmas_mod
 from .layout import follow_layout
 from .model_call import _resolve_device_dtype, _resolve_shape, call_model, input_layout, make_forward
@@ -119,7 +119,9 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
            solver_type: str = "midpoint", use_clipped_model_output: bool | None = None, self_condition: bool = False,
            sigmas=None, sigma_min: float | None = None, sigma_max: float | None = None, rho: float | None = None,
            quantize: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-           s_noise: float = 1.0, r: float = 0.5) -> torch.Tensor:
+           s_noise: float = 1.0, r: float = 0.5, class_labels=None, cond: dict | None = None,
+           uncond: dict | None = None, null_class: int | None = None, guidance_scale: float = 1.0,
+           guidance_interval=None, guidance_rescale: float = 0.0, guidance_parallel: float = 1.0) -> torch.Tensor:
     """Sample n images from `model`; returns (n, C, H, W) float32 in model space (about [-1, 1]).
 
     model: callable model(x (B, C, H, W), t (B,)) returning a tensor (or an object with .sample,
@@ -171,6 +173,20 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
         (an object with .update(k)) to count the steps of several calls on one bar.
     sample_offset: seed mode only: return samples sample_offset .. sample_offset + n - 1 of the
         seed's stream (sample i is the same image in any call; see fastddpm.distributed).
+    class_labels: an int, a sequence or a LongTensor of n labels, passed under the model's own
+        keyword (y for fastddpm's UNet(num_classes=K), class_labels for diffusers' UNet2DModel,
+        classes for denoising-diffusion-pytorch's CFG Unet). cond / uncond: keyword arguments of
+        every model call / of the unconditional call (model(x, t, **{**cond, **uncond})); a tensor
+        whose first dimension is n is per sample (image i gets row i). null_class: the label of
+        the unconditional call (default: the model's own, K for UNet(num_classes=K)).
+    guidance_scale: classifier-free guidance w, out_u + w (out_c - out_u) on the model output,
+        one doubled-batch call per step (conditional rows first); 1 (default) makes only the
+        conditional call, 0 only the unconditional one. guidance_interval=(lo, hi): guidance only
+        at steps whose noise level sqrt((1 - abar) / abar) is in (lo, hi], one conditional call
+        elsewhere (Kynkaanniemi et al. 2024). guidance_rescale: phi of Lin et al. 2024 (diffusers'
+        guidance_rescale). guidance_parallel: the fraction kept of the guidance direction's part
+        parallel to the conditional output (1: all, diffusers; 0: removed, denoising-diffusion-
+        pytorch's default). fastddpm.guidance has the formulas.
     """
     n, steps, batch_size, seed, sample_offset = map(C.as_int, (n, steps, batch_size, seed, sample_offset))
     m = methods.get(method)
@@ -186,6 +202,11 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     C.check_schedule_fits_model(model, schedule)
     s = _resolve_schedule(model, schedule, steps, m.name)
     opts = _loop_options(model, m, mopts, s, steps, prediction, clip)
+    conditioning = guidance.resolve(model, n, class_labels=class_labels, cond=cond, uncond=uncond,
+                                    null_class=null_class, guidance_scale=guidance_scale,
+                                    guidance_interval=guidance_interval, guidance_rescale=guidance_rescale,
+                                    guidance_parallel=guidance_parallel,
+                                    self_condition=mopts.get("self_condition", False))
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
     requested = backend
     backend = resolve_backend(backend, device, generator)
@@ -194,6 +215,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     starts = range(0, n, batch_size)
     plan = opts.get("plan")
     evals = plan.nfe if plan is not None else s.num_steps
+    modes = _guidance_modes(conditioning, s, plan)
     bar = progress if not isinstance(progress, bool) else None  # a caller's bar: one bar over many calls
     if progress is True:
         from tqdm.auto import tqdm
@@ -209,6 +231,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     try:
         for j, start in enumerate(starts):
             B = min(batch_size, n - start)
+            guide = (conditioning, modes, conditioning.batch(start, B, device)) if conditioning else None
             if backend == "graph":
                 loop = _graph_loop(model, s, (B, *shape), device, model_dtype, autocast, opts, compile, full,
                                    layout, explicit=requested == "graph")
@@ -220,7 +243,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
                 backend = "fused"
             batch = _sample_sigma_batch if plan is not None else _sample_batch
             out[start:start + B] = batch(forward, s, (B, *shape), sample_offset + start, seed, generator, device,
-                                         model_dtype, opts, bar, backend, layout)
+                                         model_dtype, opts, bar, backend, layout, guide)
     finally:
         if was_training:
             model.train()
@@ -329,6 +352,39 @@ def _sigma_levels(mopts, s, steps) -> torch.Tensor:
     return torch.cat([body, body.new_zeros(1)])
 
 
+def _guidance_modes(conditioning, s, plan):
+    """Per model evaluation (timestep methods: indexed by step i; sigma methods: by stage k) what
+    the guidance runs there: "cond", "uncond" or "guided" (fastddpm.guidance.Conditioning.mode)."""
+    if conditioning is None:
+        return None
+    if plan is not None:
+        return conditioning.modes(plan.sigma.tolist()[:plan.nfe])
+    return conditioning.modes(guidance.noise_level(a) for a in s.alphas_cumprod.tolist())
+
+
+def _call(forward, x, t, cond, guide, idx):
+    """(model output, the step's guidance or None): one model call, or on a guided step the doubled
+    batch's output (2B rows, conditional first) or the pair of the two calls' outputs."""
+    if guide is None:
+        return forward(x, t, *cond), None
+    conditioning, modes, kw = guide
+    mode = modes[idx]
+    return guidance.call(forward, x, t, mode, kw, *cond), (conditioning.cfg if mode == "guided" else None)
+
+
+def _cond_half(mo, B):
+    """The conditional output of a model output (itself, a doubled batch's first B rows, a pair's first)."""
+    if isinstance(mo, tuple):
+        return mo[0]
+    return mo[:B] if mo.shape[0] == 2 * B and B else mo
+
+
+def _all_finite(mo):
+    if isinstance(mo, tuple):
+        return torch.isfinite(mo[0]).all() & torch.isfinite(mo[1]).all()
+    return torch.isfinite(mo).all()
+
+
 def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, full, layout, explicit):
     """The cached captured loop, or None after a capture failure under backend='auto' (warned once)."""
     from . import graphs
@@ -379,7 +435,7 @@ def _step_fn(backend, method):
 
 
 def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype, opts, bar, backend,
-                  layout=torch.contiguous_format):
+                  layout=torch.contiguous_format, guide=None):
     B = shape[0]
     method, variance = opts["method"], opts["variance"]
     step = _step_fn(backend, method)
@@ -396,25 +452,30 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
         t_model = timesteps[i].expand(B)
         first = i == s.num_steps - 1
         try:
-            mo = forward(x, t_model, *cond)
+            mo, cfg = _call(forward, x, t_model, cond, guide, i)
         except Exception as e:
             if first and hasattr(e, "add_note"):
                 e.add_note(f"fastddpm.sample: the model failed on its first call with x of shape {tuple(x.shape)} "
                            f"({model_dtype}, {device}); check shape=, dtype= and device=")
             raise
         if first:
-            _check_output(mo, x, variance)
+            _check_output(_cond_half(mo, B), x, variance)
             if backend == "fused":
-                x = follow_layout(x, mo)
-                cond = tuple(follow_layout(c, mo) for c in cond)
-                prev_x0 = follow_layout(prev_x0, mo) if dpm else None
+                x = follow_layout(x, _cond_half(mo, B))
+                cond = tuple(follow_layout(c, _cond_half(mo, B)) for c in cond)
+                prev_x0 = follow_layout(prev_x0, _cond_half(mo, B)) if dpm else None
+        finite = _all_finite(mo)
+        if cfg is not None and backend == "reference":
+            mo, cfg = guidance.combine(mo, cfg, x), None  # the peers' combine, then the plain step
         noise, kw = None, {}
+        if cfg is not None:
+            kw["guidance"] = cfg
         if generator is not None:
             # diffusers: DDPM draws in the model's dtype at steps > 0; SDE-DPM-Solver++ draws float32 at every step
             if draws and (i > 0 or dpm):
-                noise = _generator_normal(shape, generator, device, torch.float32 if dpm else mo.dtype)
+                noise = _generator_normal(shape, generator, device, torch.float32 if dpm else _cond_half(mo, B).dtype)
         else:
-            kw = dict(seed=seed, sample_offset=start)
+            kw.update(seed=seed, sample_offset=start)
         if method == "ddpm":
             kw["variance"] = variance
         elif method == "ddim":
@@ -434,7 +495,7 @@ def _sample_batch(forward, s, shape, start, seed, generator, device, model_dtype
                     x, x0 = x
         if cond:
             cond = (x0,)
-        bad = ~(torch.isfinite(x).all() & torch.isfinite(mo).all())  # clipping can hide a non-finite output
+        bad = ~(torch.isfinite(x).all() & finite)  # clipping can hide a non-finite output
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, i), first_bad)
         if bar is not None:
             bar.update(1)
@@ -457,7 +518,7 @@ def _raise_if_bad(i, s, start, plan=None):
 
 
 def _sample_sigma_batch(forward, s, shape, start, seed, generator, device, model_dtype, opts, bar, backend,
-                        layout=torch.contiguous_format):
+                        layout=torch.contiguous_format, guide=None):
     """One batch of a sigma method (fastddpm.karras): per model evaluation k, the model on the
     state (its input c_in x) at the stage's timestep, then one stage update (reference, or the
     fused op updating x and the history in place)."""
@@ -483,22 +544,25 @@ def _sample_sigma_batch(forward, s, shape, start, seed, generator, device, model
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     for k in range(plan.nfe):
         try:
-            mo = forward(x, timesteps[k].expand(B))
+            mo, cfg = _call(forward, x, timesteps[k].expand(B), (), guide, k)
         except Exception as e:
             if k == 0 and hasattr(e, "add_note"):
                 e.add_note(f"fastddpm.sample: the model failed on its first call with x of shape {tuple(x.shape)} "
                            f"({model_dtype}, {device}); check shape=, dtype= and device=")
             raise
         if k == 0:
-            _check_output(mo, x, "fixed_small")
+            _check_output(_cond_half(mo, B), x, "fixed_small")
             if backend == "fused":
-                x = follow_layout(x, mo)
-                hist = tuple(follow_layout(h, mo) for h in hist)
+                x = follow_layout(x, _cond_half(mo, B))
+                hist = tuple(follow_layout(h, _cond_half(mo, B)) for h in hist)
+        finite = _all_finite(mo)
+        if cfg is not None and backend == "reference":
+            mo, cfg = guidance.combine(mo, cfg, x), None
         noise = _generator_normal(shape, generator, device, torch.float32) \
             if generator is not None and bool(plan.draw[k]) else None
         with torch.no_grad():
-            x, hist = step(plan, x, k, mo, hist, noise, **kw)
-        bad = ~(torch.isfinite(x).all() & torch.isfinite(mo).all())  # clipping can hide a non-finite output
+            x, hist = step(plan, x, k, mo, hist, noise, **kw, **({"guidance": cfg} if cfg is not None else {}))
+        bad = ~(torch.isfinite(x).all() & finite)  # clipping can hide a non-finite output
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, plan.nfe - 1 - k), first_bad)
         if bar is not None:
             bar.update(1)

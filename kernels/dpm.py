@@ -22,6 +22,7 @@ import triton.language as tl
 from fastddpm.dpm_solver import DPM_ROW
 from fastddpm.schedule import ROW
 
+from .guidance import guided_output, launch_args
 from .common import (NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, Walk, as_i32, device_guard, flag_non_finite, offsets,
                      pick_layout, pixel_stride, program_coords, sample_layout, split_seed, step_noise, to_layout)
 
@@ -32,6 +33,7 @@ PRED = {"eps": 0, "x0": 1, "v": 2}
 def dpm_step_kernel(
     x_ptr, mo_ptr, prev_ptr, z_ptr, out_ptr, x0_ptr,           # tensors (B, ...) in one layout
     sxb, sxp, smb, smp, spb, spp, szb, szp, sob, sop, s0b, s0p,  # batch and pixel strides
+    mu_ptr, sub, sup, g_ptr, w_val,                            # guidance: out_u, its strides, (g_c, g_u) / w
     tab_ptr, dpm_ptr, t_ptr, t_scalar, S,                      # schedule table (ROWS, S); dpm rows (4, S); t
     N, C, HW, clip, seed_lo, seed_hi, sample_offset,
     rng_ptr, flag_ptr,                                         # (seed_lo, seed_hi, offset) int64; first-bad flag
@@ -40,12 +42,12 @@ def dpm_step_kernel(
     ROW_STD: tl.constexpr,
     PRED: tl.constexpr, CLIP: tl.constexpr, SECOND: tl.constexpr, NOISE: tl.constexpr,
     PER_SAMPLE_T: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
-    RNG_PTR: tl.constexpr, CHECK: tl.constexpr, CP: tl.constexpr, QUAD: tl.constexpr,
+    RNG_PTR: tl.constexpr, CHECK: tl.constexpr, CP: tl.constexpr, QUAD: tl.constexpr, GUIDE: tl.constexpr,
 ):
     b, pid, t, i, c, mask = program_coords(t_ptr, t_scalar, N, C, HW, PER_SAMPLE_T, BLOCK, LAYOUT_CL, CP)
 
     x = tl.load(x_ptr + offsets(b, i, c, sxb, sxp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
-    mo = tl.load(mo_ptr + offsets(b, i, c, smb, smp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    mo = guided_output(mo_ptr, mu_ptr, smb, smp, sub, sup, b, i, c, mask, g_ptr, w_val, LAYOUT_CL, GUIDE)
 
     # data prediction x0 of this step
     if PRED == 0:
@@ -81,17 +83,20 @@ def dpm_step_kernel(
 
 
 def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, order: int, solver_type: str,
-                     prediction: str, clip, seed, sample_offset: int, out=None, x0_out=None, rng=None, flag=None):
+                     prediction: str, clip, seed, sample_offset: int, out=None, x0_out=None, rng=None, flag=None,
+                     guidance=None, uncond_output=None, coef_out=None):
     """Launch the fused DPM-Solver++ step; returns (new x, x0). Inputs are validated by fastddpm.ops.
 
     out / x0_out: float32 buffers to write (may be x_t / prev_x0 themselves). For captured loops,
     rng (int64 device (seed_lo, seed_hi, sample_offset)) replaces seed and sample_offset, and
-    flag (int64 device scalar) is raised to t when the new state or the model output holds a non-finite value."""
+    flag (int64 device scalar) is raised to t when the new state or the model output holds a non-finite value.
+    guidance, uncond_output, coef_out: as in kernels/step.py's step_forward."""
     C = x_t.shape[1]
     x_t, layout = pick_layout(x_t)
     walk = Walk(x_t, layout)
     dev = x_t.device
     mo = to_layout(model_output, layout)
+    mu, sub, sup, g, w_val, guide = launch_args(guidance, mo, uncond_output, x_t, layout, walk, coef_out)
     second = order == 2 and prev_x0 is not None
     prev = to_layout(prev_x0, layout) if second else x_t
     z = to_layout(noise, layout) if noise is not None else x_t
@@ -115,13 +120,14 @@ def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, or
             x_t, mo, prev, z, out, x0_out,
             x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), prev.stride(0), pixel_stride(prev),
             z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0_out.stride(0), pixel_stride(x0_out),
+            mu, sub, sup, g, w_val,
             tab, rows, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
             walk.N, C, walk.HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, as_i32(sample_offset),
             rng if rng is not None else tab, flag if flag is not None else tab,
             ROW["sqrt_recip_abar"], ROW["sqrt_recipm1_abar"], ROW["sqrt_abar"], ROW["sqrt_one_minus_abar"],
             DPM_ROW["x_coef"], DPM_ROW["x0_coef"], DPM_ROW["d_coef"], DPM_ROW["noise_std"],
             PRED=PRED[prediction], CLIP=clip is not None, SECOND=second, NOISE=noise_mode,
-            PER_SAMPLE_T=per_sample, RNG_PTR=rng is not None, CHECK=flag is not None,
+            PER_SAMPLE_T=per_sample, RNG_PTR=rng is not None, CHECK=flag is not None, GUIDE=guide,
             **walk.meta, num_warps=walk.num_warps,
         )
     if user_out is not None and user_out is not out:

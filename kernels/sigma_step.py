@@ -20,6 +20,7 @@ import triton.language as tl
 
 from fastddpm.karras import ROW
 
+from .guidance import guided_output, launch_args
 from .common import (NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, Walk, as_i32, device_guard, flag_non_finite, offsets,
                      pick_layout, pixel_stride, program_coords, sample_layout, split_seed, step_noise, to_layout)
 
@@ -33,6 +34,7 @@ def _c(tab_ptr, row: tl.constexpr, K, k):
 def sigma_step_kernel(
     x_ptr, mo_ptr, h0_ptr, h1_ptr, h2_ptr, z_ptr, out_ptr,      # tensors (B, ...) in one layout
     sxb, sxp, smb, smp, s0b, s0p, s1b, s1p, s2b, s2p, szb, szp, sob, sop,  # batch and pixel strides
+    mu_ptr, sub, sup, g_ptr, w_val,                            # guidance: out_u, its strides, (g_c, g_u) / w
     tab_ptr, tag_ptr, k_ptr, k_scalar, K,                      # stage table (ROWS, K); tags (K,); k
     N, C, HW, clip, seed_lo, seed_hi, sample_offset,
     rng_ptr, flag_ptr,                                         # (seed_lo, seed_hi, offset) int64; first-bad flag
@@ -40,12 +42,12 @@ def sigma_step_kernel(
     R_C1: tl.constexpr, R_C2: tl.constexpr, R_S: tl.constexpr, R_P: tl.constexpr, R_Q: tl.constexpr,
     NHIST: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, PER_SAMPLE_K: tl.constexpr,
     LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr, RNG_PTR: tl.constexpr, CHECK: tl.constexpr,
-    CP: tl.constexpr, QUAD: tl.constexpr,
+    CP: tl.constexpr, QUAD: tl.constexpr, GUIDE: tl.constexpr,
 ):
     b, pid, k, i, c, mask = program_coords(k_ptr, k_scalar, N, C, HW, PER_SAMPLE_K, BLOCK, LAYOUT_CL, CP)
 
     x = tl.load(x_ptr + offsets(b, i, c, sxb, sxp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
-    mo = tl.load(mo_ptr + offsets(b, i, c, smb, smp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    mo = guided_output(mo_ptr, mu_ptr, smb, smp, sub, sup, b, i, c, mask, g_ptr, w_val, LAYOUT_CL, GUIDE)
 
     # denoised estimate D = c_skip x + c_out mo (in state space)
     d = _c(tab_ptr, R_CS, K, k) * x + _c(tab_ptr, R_CO, K, k) * mo
@@ -106,19 +108,20 @@ def sigma_step_kernel(
 
 
 def sigma_step_forward(plan, x, k, model_output, history, noise, *, seed, sample_offset: int, out=None,
-                       rng=None, flag=None):
+                       rng=None, flag=None, guidance=None, uncond_output=None, coef_out=None):
     """Launch the fused stage update; returns (new x, history). Inputs are validated by fastddpm.ops.
 
     history: plan.num_history float32 tensors like x, updated IN PLACE when they are in the layout
     the kernel walks (else the updated copies are written back into them). out: a float32 buffer
     to write (may be x). For captured loops, rng (int64 device (seed_lo, seed_hi, sample_offset))
     replaces seed and sample_offset, and flag (int64 device scalar) is raised to K - 1 - k when
-    the new state holds a non-finite value."""
+    the new state holds a non-finite value. guidance, uncond_output, coef_out: as in kernels/step.py."""
     C = x.shape[1]
     x, layout = pick_layout(x)
     walk = Walk(x, layout)
     dev = x.device
     mo = to_layout(model_output, layout)
+    mu, sub, sup, g, w_val, guide = launch_args(guidance, mo, uncond_output, x, layout, walk, coef_out)
     hist = [to_layout(h, layout) for h in history]
     pad = hist + [x] * (3 - len(hist))
     z = to_layout(noise, layout) if noise is not None else x
@@ -141,12 +144,13 @@ def sigma_step_forward(plan, x, k, model_output, history, noise, *, seed, sample
             x.stride(0), pixel_stride(x), mo.stride(0), pixel_stride(mo), pad[0].stride(0), pixel_stride(pad[0]),
             pad[1].stride(0), pixel_stride(pad[1]), pad[2].stride(0), pixel_stride(pad[2]),
             z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out),
+            mu, sub, sup, g, w_val,
             tab, plan.tags_on(dev), k if per_sample else tab, 0 if per_sample else int(k), plan.nfe,
             walk.N, C, walk.HW, float(plan.clip) if plan.clip is not None else 0.0, seed_lo, seed_hi,
             as_i32(sample_offset), rng if rng is not None else tab, flag if flag is not None else tab,
             ROW["cs"], ROW["co"], ROW["a"], ROW["b"], ROW["c0"], ROW["c1"], ROW["c2"], ROW["s"], ROW["p"], ROW["q"],
             NHIST=plan.num_history, CLIP=plan.clip is not None, NOISE=noise_mode, PER_SAMPLE_K=per_sample,
-            RNG_PTR=rng is not None, CHECK=flag is not None, **walk.meta, num_warps=walk.num_warps,
+            RNG_PTR=rng is not None, CHECK=flag is not None, GUIDE=guide, **walk.meta, num_warps=walk.num_warps,
         )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)

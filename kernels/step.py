@@ -22,6 +22,7 @@ import triton.language as tl
 
 from fastddpm.schedule import ROW
 
+from .guidance import guided_output, launch_args
 from .common import (NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, Walk, as_i32, device_guard, flag_non_finite, offsets,
                      pick_layout, pixel_stride, program_coords, sample_layout, split_seed, step_noise, to_layout)
 
@@ -38,6 +39,7 @@ def _row(tab_ptr, row: tl.constexpr, S, t):
 def step_kernel(
     x_ptr, mo_ptr, v_ptr, z_ptr, out_ptr, x0_ptr,          # tensors (B, ...) in one layout
     sxb, sxp, smb, smp, svb, svp, szb, szp, sob, sop, s0b, s0p,  # batch and pixel strides
+    mu_ptr, sub, sup, g_ptr, w_val,                         # guidance: out_u, its strides, (g_c, g_u) / w
     tab_ptr, sig_ptr, dir_ptr, t_ptr, t_scalar, S,          # schedule table (ROWS, S); DDIM rows; t
     N, C, HW, clip, seed_lo, seed_hi, sample_offset,
     rng_ptr, flag_ptr,                                      # (seed_lo, seed_hi, offset) int64; first-bad flag
@@ -48,12 +50,12 @@ def step_kernel(
     DDIM: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
     PER_SAMPLE_T: tl.constexpr, WRITE_X0: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
     RNG_PTR: tl.constexpr, CHECK: tl.constexpr, USE_CLIPPED: tl.constexpr, CP: tl.constexpr,
-    QUAD: tl.constexpr,
+    QUAD: tl.constexpr, GUIDE: tl.constexpr,
 ):
     b, pid, t, i, c, mask = program_coords(t_ptr, t_scalar, N, C, HW, PER_SAMPLE_T, BLOCK, LAYOUT_CL, CP)
 
     x = tl.load(x_ptr + offsets(b, i, c, sxb, sxp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
-    mo = tl.load(mo_ptr + offsets(b, i, c, smb, smp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float32)
+    mo = guided_output(mo_ptr, mu_ptr, smb, smp, sub, sup, b, i, c, mask, g_ptr, w_val, LAYOUT_CL, GUIDE)
 
     # predicted x0 (and the raw eps DDIM needs)
     if PRED == 0:
@@ -108,7 +110,8 @@ def step_kernel(
 
 def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, prediction: str, variance: str,
                  clip, seed, sample_offset: int, return_x0: bool, out=None, rng=None, flag=None,
-                 use_clipped_model_output: bool = False, x0_out=None):
+                 use_clipped_model_output: bool = False, x0_out=None, guidance=None, uncond_output=None,
+                 coef_out=None):
     """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a contiguous
     LongTensor (B,) on x_t's device (fastddpm._checks.check_t).
 
@@ -116,7 +119,10 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
     seed and sample_offset (so one captured launch serves any seed and batch); flag, an int64
     device scalar, is raised to t (atomic max) when the new state or the model output holds a
     non-finite value;
-    x0_out, a float32 buffer in x_t's layout, receives x0 when return_x0 (a static buffer)."""
+    x0_out, a float32 buffer in x_t's layout, receives x0 when return_x0 (a static buffer).
+    guidance (a fastddpm.guidance.CFG): model_output is the conditional output, uncond_output the
+    unconditional one (kernels/guidance.py); coef_out a (B, 2) float32 buffer for the per-sample
+    coefficients (captured loops)."""
     C = x_t.shape[1]
     x_t, layout = pick_layout(x_t)
     walk = Walk(x_t, layout)
@@ -125,6 +131,7 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
     if variance == "learned_range" and not ddim:
         mo, v = model_output[:, :C], model_output[:, C:]
     mo, v = to_layout(mo, layout), to_layout(v, layout)
+    mu, sub, sup, g, w_val, guide = launch_args(guidance, mo, uncond_output, x_t, layout, walk, coef_out)
     z = to_layout(noise, layout) if noise is not None else x_t
     user_out = out
     if out is None or sample_layout(out) != layout:  # the kernel writes in the layout it walks
@@ -152,6 +159,7 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
             x_t, mo, v, z, out, x0,
             x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), v.stride(0), pixel_stride(v),
             z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0.stride(0), pixel_stride(x0),
+            mu, sub, sup, g, w_val,
             tab, sig, dir_, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
             walk.N, C, walk.HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, as_i32(sample_offset),
             rng if rng is not None else tab, flag if flag is not None else tab,
@@ -160,7 +168,7 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
             ROW["log_beta"], ROW["sqrt_abar_prev"],
             DDIM=ddim, PRED=PRED[prediction], VAR=VAR[variance], CLIP=clip is not None, NOISE=noise_mode,
             PER_SAMPLE_T=per_sample, WRITE_X0=return_x0, RNG_PTR=rng is not None, CHECK=flag is not None,
-                USE_CLIPPED=ddim and use_clipped_model_output,
+            USE_CLIPPED=ddim and use_clipped_model_output, GUIDE=guide,
             **walk.meta, num_warps=walk.num_warps,
         )
     if user_out is not None and user_out is not out:
