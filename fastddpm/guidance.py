@@ -196,7 +196,7 @@ def class_keyword(model):
     from .unet import UNet
 
     if isinstance(model, UNet):
-        K = model.cfg.num_classes
+        K = model.config.num_classes
         if not K:
             return None, None, None, {}, {}
         return "y", K + 1, K, {}, {}  # fastddpm's UNet(num_classes=K): labels 0..K-1, the null class K

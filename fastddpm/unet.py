@@ -159,6 +159,7 @@ class UNet(nn.Module):
     LongTensor (B,) class labels when num_classes is set) -> (B, out_channels, H, W).
     With num_classes=K, y takes values 0..K: 0..K-1 are the classes, K (`self.null_class`)
     the null (unconditional) class; out-of-range labels are an index error of the embedding.
+    y may also be one label for the whole batch (an int or a 0-d tensor).
     """
 
     def __init__(self, **config):
@@ -254,6 +255,10 @@ class UNet(nn.Module):
                 raise ValueError(f"this UNet is class-conditional (num_classes={self.config.num_classes}): pass y, a "
                                  f"LongTensor (B,) of labels 0..{self.config.num_classes} "
                                  f"({self.config.num_classes} = the null, unconditional class)")
+            if not isinstance(y, torch.Tensor):  # one label for every sample (e.g. the null class)
+                y = torch.full((x.shape[0],), int(y), dtype=torch.long, device=emb.device)
+            elif y.ndim == 0:
+                y = y.expand(x.shape[0])
             emb = emb + self.label_emb(y)
         h = self.conv_in(x)
         hs = [h]

@@ -118,3 +118,22 @@ def test_null_class_row_and_old_state_dicts():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=f"num_classes must be a positive int .*got {bad!r}"):
             UNet.from_preset("tiny", num_classes=bad)
+
+
+def test_one_label_for_the_batch_and_guidance_zero_is_the_null_class():
+    """y may be an int or a 0-d tensor (the sampler's unconditional call passes the null class so);
+    sample(guidance_scale=0) is then the null class's conditional sampling."""
+    import fastddpm
+
+    torch.manual_seed(0)
+    m = UNet.from_preset("tiny", in_channels=1, num_classes=3, ch=16, norm_groups=8, attn_resolutions=()).eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 9])
+    with torch.no_grad():
+        ref = m(x, t, torch.tensor([3, 3]))
+        torch.testing.assert_close(m(x, t, 3), ref, rtol=0, atol=0)
+        torch.testing.assert_close(m(x, t, torch.tensor(3)), ref, rtol=0, atol=0)
+    kw = dict(steps=2, method="ddim", backend="reference", seed=1)
+    a = fastddpm.sample(m, 2, class_labels=[0, 2], guidance_scale=0.0, **kw)
+    b = fastddpm.sample(m, 2, class_labels=[3, 3], **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, fastddpm.sample(m, 2, class_labels=[0, 2], **kw))
