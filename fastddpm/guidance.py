@@ -388,16 +388,17 @@ class Conditioning:
 _MISSING = object()
 
 
-def call(forward, x, t, mode, kw, *cond):
+def call(forward, x, t, mode, kw, *cond, x2=None):
     """The model call(s) of one step: "cond" / "uncond" -> the output (B, ...); "guided" -> the
     doubled batch's output (2B, ...), conditional rows first (one call on cat([x, x]) where the
-    conditions merge, else the two calls' outputs as a pair)."""
+    conditions merge, else the two calls' outputs as a pair). x2: the doubled input, when the
+    caller keeps one (the captured loops' step kernels write both halves)."""
     if mode == "cond":
         return forward(x, t, *cond, **kw["cond"])
     if mode == "uncond":
         return forward(x, t, *cond, **kw["uncond"])
     if kw["doubled"] is not None:
-        return forward(torch.cat([x, x]), torch.cat([t, t]), **kw["doubled"])
+        return forward(torch.cat([x, x]) if x2 is None else x2, torch.cat([t, t]), **kw["doubled"])
     return forward(x, t, **kw["cond"]), forward(x, t, **kw["uncond"])
 
 

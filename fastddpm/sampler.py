@@ -234,11 +234,13 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
             guide = (conditioning, modes, conditioning.batch(start, B, device)) if conditioning else None
             if backend == "graph":
                 loop = _graph_loop(model, s, (B, *shape), device, model_dtype, autocast, opts, compile, full,
-                                   layout, explicit=requested == "graph")
+                                   layout, explicit=requested == "graph",
+                                   guide=(conditioning, modes) if conditioning else None)
                 if loop is not None:
                     if flags is None:
                         flags = torch.full((len(starts),), -1, dtype=torch.long, device=device)
-                    loop.run(seed, sample_offset + start, out[start:start + B], flags[j], bar)
+                    loop.run(seed, sample_offset + start, out[start:start + B], flags[j], bar,
+                             conditions=guide[2] if guide else None, scale=float(guidance_scale))
                     continue
                 backend = "fused"
             batch = _sample_sigma_batch if plan is not None else _sample_batch
@@ -385,14 +387,15 @@ def _all_finite(mo):
     return torch.isfinite(mo).all()
 
 
-def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, full, layout, explicit):
+def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, full, layout, explicit, guide=None):
     """The cached captured loop, or None after a capture failure under backend='auto' (warned once)."""
     from . import graphs
 
     forward = make_forward(model, model_dtype, autocast, compile, full)
     try:
         return graphs.loop_for(model, forward, s, shape, device, opts, (model_dtype, autocast, compile, layout),
-                               lambda mo, x: _check_output(mo, x, opts.get("variance", "fixed_small")), layout)
+                               lambda mo, x: _check_output(mo, x, opts.get("variance", "fixed_small")), layout,
+                               guide)
     except graphs.CaptureError as e:
         if explicit:
             raise RuntimeError(f"backend='graph': the model could not be captured in a CUDA graph ({e}); "
