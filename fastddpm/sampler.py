@@ -197,7 +197,6 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     seed, batch_size = _check_call(model, n, prediction, steps, seed, generator, sample_offset, progress, batch_size,
                                    compile)
     clip = C.check_clip(m.clip if isinstance(clip, str) and clip == "auto" else clip)
-    C.check_self_condition(model, mopts.get("self_condition", False))
     shape = _resolve_shape(model, shape)
     C.check_schedule_fits_model(model, schedule)
     s = _resolve_schedule(model, schedule, steps, m.name)
@@ -207,6 +206,8 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
                                     guidance_interval=guidance_interval, guidance_rescale=guidance_rescale,
                                     guidance_parallel=guidance_parallel,
                                     self_condition=mopts.get("self_condition", False))
+    C.check_self_condition(model, mopts.get("self_condition", False),
+                           tuple(conditioning.cond) if conditioning is not None else ())
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
     requested = backend
     backend = resolve_backend(backend, device, generator)
