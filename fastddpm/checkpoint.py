@@ -144,11 +144,17 @@ def save_model(model, path: str, *, arch: str, schedule: str, prediction: str):
     atomic_save(dict(model.state_dict()), path, meta)
 
 
+SHIPPED = {"digits": "digits-16.safetensors", "digits-cond": "digits-cond-16.safetensors"}  # name -> asset file
+
+
 def load(path: str | None = None, device="cpu", weights: str = "ema"):
     """The EMA model of a training run (folder) or a model/checkpoint file, in eval mode;
-    with no path, the shipped digits model (a 16x16 grey-scale U-Net):
+    with no path, the shipped digits model (a 16x16 grey-scale U-Net); a shipped model by name
+    ("digits", "digits-cond": the class-conditional one, UNet(num_classes=10), y = the digit,
+    10 = unconditional) where no file or folder of that name exists:
 
-        model = fastddpm.load()                       # the shipped digits model
+        model = fastddpm.load()                       # the shipped digits model (= load("digits"))
+        cond = fastddpm.load("digits-cond")           # class-conditional, for classifier-free guidance
         x = fastddpm.sample(model, 16, steps=50, method="ddim")
         raw = fastddpm.load("runs/d", weights="raw")  # a run's raw (not averaged) weights
 
@@ -165,6 +171,11 @@ def load(path: str | None = None, device="cpu", weights: str = "ema"):
         raise TypeError(f"path must be a run folder or a .safetensors file path (or None for the shipped model); "
                         f"got {type(path).__name__}")
     path = os.fspath(path)
+    if path in SHIPPED and not os.path.exists(path):
+        path = shipped_model_path(path)
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"no run folder or checkpoint file at {path!r} (the shipped models load by name: "
+                                f"{', '.join(repr(k) for k in SHIPPED)})")
     if os.path.isdir(path):
         names = (CHECKPOINT,) if weights == "raw" else (MODEL, CHECKPOINT)
         for name in names:
@@ -191,7 +202,11 @@ def load(path: str | None = None, device="cpu", weights: str = "ema"):
     return model
 
 
-def shipped_model_path() -> str:
+def shipped_model_path(name: str = "digits") -> str:
+    """The file of a shipped model: "digits" (unconditional) or "digits-cond" (class-conditional)."""
     from importlib import resources
 
-    return str(resources.files("fastddpm").joinpath("assets/digits-16.safetensors"))
+    from ._checks import one_of
+
+    one_of(name, tuple(SHIPPED), "name")
+    return str(resources.files("fastddpm").joinpath("assets", SHIPPED[name]))

@@ -204,9 +204,13 @@ def cmd_train(a):
     cfg = TrainConfig(data=a.data, out=a.out, model=a.model, schedule=a.schedule, prediction=a.prediction,
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay, seed=a.seed,
                       ckpt_every=a.ckpt_every, ckpt_minutes=a.ckpt_minutes, log_every=a.log_every, device=a.device,
-                      compile=a.compile, progress=not a.no_progress, warmup=a.warmup)
+                      compile=a.compile, progress=not a.no_progress, warmup=a.warmup, classes=a.classes,
+                      label_dropout=a.label_dropout)
     if a.resume:
         cfg = _resumed_config(cfg, a.given)
+    if "label_dropout" in a.given and not cfg.classes:
+        raise ValueError(f"--label-dropout {a.label_dropout} needs --classes (label dropout is the share of labels a "
+                         "class-conditional run replaces by the null class)")
     try:
         out = train(cfg, resume=a.resume)
     finally:
@@ -374,8 +378,15 @@ def build_parser():
     t.add_argument("--resume", action="store_true",
                    help="continue from the run folder's checkpoint, as the run was configured: options not given "
                         "are the run's own, one that contradicts the run (data, model, schedule, prediction, batch "
-                        "size, seed) is an error, and a changed --lr / --warmup / --ema-decay is said (with no "
-                        "checkpoint there: a warning, and training starts from step 0)")
+                        "size, seed, --classes, --label-dropout) is an error, "
+                        "and a changed --lr / --warmup / --ema-decay is said (with no checkpoint there: a warning, "
+                        "and training starts from step 0)")
+    t.add_argument("--classes", action="store_true",
+                   help="class-conditional: train on the data's labels (labelled data: digits) with label dropout, "
+                        "for classifier-free guidance (fastddpm sample --class C --guidance W)")
+    t.add_argument("--label-dropout", type=float, default=0.1,
+                   help="with --classes: probability in [0, 1) that a training label is replaced by the null "
+                        "(unconditional) class")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_digits", "digits_labels", "moons", "gaussian_mixture", "load_image_folder", "load_dataset",
-           "TOY_DATASETS"]
+__all__ = ["load_digits", "digits_labels", "load_labels", "LABELLED_DATASETS", "moons", "gaussian_mixture",
+           "load_image_folder", "load_dataset", "TOY_DATASETS"]
 
 HELDOUT = 297
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -54,6 +54,7 @@ def load_digits(split: str = "train", size: int = 16) -> torch.Tensor:
 
 
 def digits_labels(split: str = "train") -> torch.Tensor:
+    """The digits' labels 0..9 as an int64 tensor (N,), in the order of load_digits(split)."""
     images, labels = _digits_raw()
     return torch.from_numpy(labels[_split_index(len(images), split)].astype(np.int64))
 
@@ -116,6 +117,18 @@ def load_image_folder(path: str, size: int | None = None) -> torch.Tensor:
     if modes == {"L"}:
         x = x[:, :1].contiguous()
     return x
+
+
+LABELLED_DATASETS = {"digits": 10}  # data name -> number of classes
+
+
+def load_labels(name: str) -> torch.Tensor:
+    """The class labels of dataset `name` (int64 (N,), aligned with load_dataset(name)); a ValueError for data
+    without labels."""
+    if name not in LABELLED_DATASETS:
+        raise ValueError(f"classes=True (--classes) trains a class-conditional model on labelled data, but "
+                         f"data={name!r} has no labels; labelled data: {sorted(LABELLED_DATASETS)}")
+    return digits_labels("train")
 
 
 def load_dataset(name: str, n_toy: int = 20000, seed: int = 0) -> torch.Tensor:

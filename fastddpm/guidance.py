@@ -215,7 +215,7 @@ def class_keyword(model) -> ClassConditioning:
     from .unet import UNet
 
     if isinstance(model, UNet):
-        K = model.cfg.num_classes
+        K = model.config.num_classes
         # fastddpm's UNet(num_classes=K): labels 0..K-1, the null class K
         return ClassConditioning("y", K, K + 1, K) if K else ClassConditioning()
     cfg = getattr(model, "config", None)

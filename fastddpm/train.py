@@ -6,7 +6,13 @@ AdamW with linear warm-up, gradient clipping, an EMA of the weights, bf16 autoca
 CUDA, optional torch.compile; q_sample runs as the fused kernel on CUDA (it writes x_t
 and the eps target in one pass).
 
-All randomness of step k (batch indices, t, eps) is a function of (seed, k), and the
+Class-conditional training (classes=True, `--classes`; labelled data only: digits) trains a
+`UNet(num_classes=K)` on the data and its labels with label dropout (Ho & Salimans 2022): each
+example's label is replaced by the null class K with probability label_dropout (default 0.1),
+so the one model learns the conditional and the unconditional outputs that classifier-free
+guidance combines (`fastddpm.sample(..., class_labels=..., guidance_scale=w)`).
+
+All randomness of step k (batch indices, t, label dropout, eps) is a function of (seed, k), and the
 global RNG state is checkpointed, so a resumed run makes exactly the updates the
 uninterrupted run would have made. Checkpoints are written every `ckpt_every` steps, at
 least every `ckpt_minutes` minutes, at the end, and on SIGTERM / SIGINT (the step in
@@ -26,7 +32,8 @@ them (FD 145 against 134).
 Resuming (resume=True, `--resume`) continues the run as it was configured; the checkpoint's
 configuration is compared with the one given, before any work:
 - options that define the run are errors naming both values when they differ: data, model
-  (preset, and model_overrides), schedule, num_timesteps, prediction, batch_size, seed (and the
+  (preset, and model_overrides), schedule, num_timesteps, prediction, batch_size, seed, classes,
+  label_dropout (of a class-conditional run) (and the
   model built from them must have the checkpoint's model_config): changing one would switch the
   objective, the data or the random stream mid-run, or not fit the saved weights;
 - tunable options may change, and each change is said on stderr and in log.jsonl: lr,
@@ -38,7 +45,7 @@ of the command line do not count as given). steps at or below the run's step tra
 changes no file: below, it is an error saying the run is already past it; equal, a note.
 
 Under torchrun (K processes) the model is wrapped in DistributedDataParallel: every rank
-draws the same global batch of indices and t and keeps its contiguous slice, and its noise
+draws the same global batch of indices, t and label drops and keeps its contiguous slice, and its noise
 is keyed by the global sample index, so K processes make exactly the update one process
 makes on the same global batch (batch_size must divide by K), and a run resumes on any K.
 Only rank 0 writes checkpoints and logs. A SIGTERM / SIGINT reaching any rank stops every rank
@@ -64,11 +71,11 @@ import torch.nn.functional as F
 from . import _checks as C
 from . import checkpoint as ckpt
 from . import diffusion, ops
-from .data import load_dataset
+from .data import load_dataset, load_labels
 from .distributed import barrier, init_process_group
 from .schedule import Schedule
 
-__all__ = ["TrainConfig", "train", "diffusion_loss"]
+__all__ = ["TrainConfig", "train", "diffusion_loss", "step_draws"]
 
 
 @dataclass
@@ -95,6 +102,8 @@ class TrainConfig:
     bf16: bool | None = None        # None: on for CUDA
     compile: bool = False
     progress: bool = True
+    classes: bool = False           # class-conditional: train on the data's labels (labelled data: digits)
+    label_dropout: float = 0.1      # classes=True: probability of replacing a label by the null class
 
     def validate(self):
         C.one_of(self.schedule, ("linear", "cosine"), "schedule")
@@ -113,6 +122,29 @@ class TrainConfig:
         m = self.ckpt_minutes
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
             raise ValueError(f"ckpt_minutes must be a positive number of minutes or None; got {m!r}")
+        if not isinstance(self.classes, bool):
+            raise ValueError(f"classes must be True or False; got {self.classes!r}")
+        p = self.label_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"label_dropout (--label-dropout) must be a probability in [0, 1) (the share of labels "
+                             f"replaced by the null class); got {p!r}")
+        k = self.model_overrides.get("num_classes")
+        if self.classes:
+            from .data import LABELLED_DATASETS
+
+            if self.data not in LABELLED_DATASETS:
+                raise ValueError(f"classes=True (--classes) trains a class-conditional model on labelled data, but "
+                                 f"data={self.data!r} has no labels; labelled data: {sorted(LABELLED_DATASETS)}")
+            if self.model == "mlp":
+                raise ValueError("classes=True (--classes) needs a UNet preset (model=...); got model='mlp', "
+                                 "which takes no labels")
+            if k is not None and k != LABELLED_DATASETS[self.data]:
+                raise ValueError(f"model_overrides num_classes={k!r} but data={self.data!r} has "
+                                 f"{LABELLED_DATASETS[self.data]} classes; leave num_classes out (classes=True sets "
+                                 "it)")
+        elif k is not None:
+            raise ValueError(f"model_overrides num_classes={k!r} makes a class-conditional model: pass classes=True "
+                             "(--classes), which sets num_classes from the data")
 
 
 def _mix(seed: int, step: int) -> int:
@@ -138,6 +170,20 @@ def ema_decay_at(step: int, decay: float, start: int = 0) -> float:
     return min(decay, (1 + j) / (EMA_WARMUP + j))
 
 
+def step_draws(seed: int, step: int, n_data: int, num_steps: int, batch_size: int,
+               label_dropout: float | None = None):
+    """The random draws of training step `step` for the whole global batch, a function of (seed, step)
+    only: data indices (batch_size,), timesteps (batch_size,), and with label_dropout a bool mask
+    (batch_size,) of the examples whose label becomes the null class (else None). Every rank draws
+    them all and keeps its slice; the label drops are drawn last, so an unconditional run's draws
+    are those of a class-conditional run with the same seed."""
+    g = torch.Generator().manual_seed(_mix(seed, step))
+    idx = torch.randint(0, n_data, (batch_size,), generator=g)
+    t = torch.randint(0, num_steps, (batch_size,), generator=g)
+    drop = None if label_dropout is None else torch.rand(batch_size, generator=g, dtype=torch.float64) < label_dropout
+    return idx, t, drop
+
+
 def _make_model(cfg: TrainConfig, data: torch.Tensor):
     if cfg.model == "mlp":
         from .mlp import MLPDenoiser
@@ -153,6 +199,10 @@ def _make_model(cfg: TrainConfig, data: torch.Tensor):
     if cfg.model not in PRESETS:
         raise ValueError(f"model must be 'mlp' or a UNet preset {sorted(PRESETS)}; got {cfg.model!r}")
     over = {"in_channels": data.shape[1], "image_size": data.shape[2], **cfg.model_overrides}
+    if cfg.classes:
+        from .data import LABELLED_DATASETS
+
+        over["num_classes"] = LABELLED_DATASETS[cfg.data]
     return "unet", UNet.from_preset(cfg.model, **over)
 
 
@@ -191,15 +241,17 @@ def _load_checkpoint(path, model, ema, opt, device):
 
 
 def diffusion_loss(fwd, s: Schedule, x0: torch.Tensor, t: torch.Tensor, *, noise_seed: int, sample_offset: int = 0,
-                   prediction: str = "eps", bf16: bool = False, fused: bool = False) -> torch.Tensor:
+                   prediction: str = "eps", bf16: bool = False, fused: bool = False,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
     """Ho et al. Algorithm 1 for one batch: x_t = q_sample(x0, t, eps) with stream noise, then
-    the MSE between fwd(x_t, t) and the target (eps, x0 or v). fused=True uses the Triton
-    q_sample (one pass writes x_t and eps); bf16 runs the model under autocast."""
+    the MSE between fwd(x_t, t) (fwd(x_t, t, y=y) given class labels y) and the target (eps, x0
+    or v). fused=True uses the Triton q_sample (one pass writes x_t and eps); bf16 runs the model
+    under autocast."""
     q = ops.q_sample if fused else diffusion.q_sample
     x_t, eps = q(s, x0, t, seed=noise_seed, sample_offset=sample_offset)
     target = diffusion.training_target(s, x0, t, eps, prediction)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        pred = fwd(x_t, t)
+        pred = fwd(x_t, t) if y is None else fwd(x_t, t, y=y)
     return F.mse_loss(pred.float(), target)
 
 
@@ -254,7 +306,8 @@ class _StopOnSignal:
         signal.raise_signal(signum or self.signum)
 
 
-RUN_OPTIONS = ("data", "model", "model_overrides", "schedule", "num_timesteps", "prediction", "batch_size", "seed")
+RUN_OPTIONS = ("data", "model", "model_overrides", "schedule", "num_timesteps", "prediction", "batch_size", "seed",
+               "classes", "label_dropout")
 TUNABLE_OPTIONS = ("lr", "weight_decay", "warmup", "grad_clip", "ema_decay")
 RESUMED_OPTIONS = RUN_OPTIONS + TUNABLE_OPTIONS + ("steps", "ckpt_every", "ckpt_minutes", "log_every")
 
@@ -269,6 +322,8 @@ def checkpoint_config(out: str):
 
 
 def _flag(name, value):
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"no --{name}"
     return f"--{name.replace('_', '-')} {value}" if name != "model_overrides" else "model_overrides (Python only)"
 
 
@@ -278,7 +333,8 @@ def _check_resume(cfg, rank) -> tuple[bool, dict]:
     now]} of the tunable options. Raises ValueError for a contradiction or steps below the run's."""
     step, old = checkpoint_config(cfg.out)
     new = json.loads(json.dumps(asdict(cfg)))  # as stored: tuples become lists
-    bad = [k for k in RUN_OPTIONS if k in old and old[k] != new[k]]
+    bad = [k for k in RUN_OPTIONS if k in old and old[k] != new[k]
+           and not (k == "label_dropout" and not old.get("classes") and not new["classes"])]  # unused unconditionally
     if bad:
         given = ", ".join(f"{k}={new[k]!r} (the run's: {old[k]!r})" for k in bad)
         fix = ", ".join(f"{k}={old[k]!r} ({_flag(k, old[k])})" for k in bad)
@@ -349,6 +405,7 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
         os.makedirs(cfg.out, exist_ok=True)
 
     data = load_dataset(cfg.data, seed=cfg.seed).to(device)
+    labels = load_labels(cfg.data).to(device) if cfg.classes else None
     torch.manual_seed(cfg.seed)
     arch, model = _make_model(cfg, data)
     model.to(device)
@@ -387,12 +444,15 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
     last_save = time.monotonic()
     try:
         while step < cfg.steps:
-            g = torch.Generator().manual_seed(_mix(cfg.seed, step))
-            idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=g)[lo:lo + local_b].to(device)
-            t = torch.randint(0, s.num_steps, (cfg.batch_size,), generator=g)[lo:lo + local_b].to(device)
+            idx, t, drop = step_draws(cfg.seed, step, data.shape[0], s.num_steps, cfg.batch_size,
+                                      cfg.label_dropout if cfg.classes else None)
+            idx, t = idx[lo:lo + local_b].to(device), t[lo:lo + local_b].to(device)
             x0 = data[idx]
+            y = None
+            if cfg.classes:  # dropped labels become the null class num_classes
+                y = torch.where(drop[lo:lo + local_b].to(device), model.null_class, labels[idx])
             loss = diffusion_loss(fwd, s, x0, t, noise_seed=_mix(cfg.seed + 1, step), sample_offset=lo,
-                                  prediction=cfg.prediction, bf16=bf16, fused=fused_q)
+                                  prediction=cfg.prediction, bf16=bf16, fused=fused_q, y=y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -6,6 +6,13 @@ resolutions in `attn_resolutions`, a sinusoidal time embedding (Transformer enco
 -> Linear(4 ch) -> SiLU -> Linear(4 ch)) added in every residual block, GroupNorm(32),
 dropout, and optional class conditioning (a label embedding added to the time embedding).
 
+Class conditioning: `UNet(num_classes=K)` has K + 1 label embeddings; labels 0..K-1 are the
+classes and label K (`UNet.null_class`) is the null class, the unconditional embedding that
+training with label dropout learns (classifier-free guidance, Ho & Salimans 2022: the
+unconditional output is model(x, t, y=K)). A state dict written before the null class
+existed (K rows) still loads: its null row is zeros (no label added), with a warning that
+such a model was not trained for unconditional calls.
+
 Forward is capture-safe: no host syncs, no data-dependent Python branches; attention
 goes through F.scaled_dot_product_attention; works under channels_last, bf16 autocast,
 torch.compile(fullgraph=True) and CUDA graphs.
@@ -13,6 +20,7 @@ torch.compile(fullgraph=True) and CUDA graphs.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,6 +63,10 @@ class UNetConfig:
             if (self.ch * m) % self.norm_groups:
                 raise ValueError(f"every ch*ch_mult ({self.ch}*{m}) must be divisible by "
                                  f"norm_groups={self.norm_groups}")
+        k = self.num_classes
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
+            raise ValueError(f"num_classes must be a positive int (the number of classes; the null class is label "
+                             f"num_classes) or None (unconditional); got {k!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
 
@@ -145,6 +157,9 @@ class UNet(nn.Module):
 
     forward(x (B, in_channels, H, W), t LongTensor (B,) of training timesteps, y=None
     LongTensor (B,) class labels when num_classes is set) -> (B, out_channels, H, W).
+    With num_classes=K, y takes values 0..K: 0..K-1 are the classes, K (`self.null_class`)
+    the null (unconditional) class; out-of-range labels are an index error of the embedding.
+    y may also be one label for the whole batch (an int or a 0-d tensor).
     """
 
     def __init__(self, **config):
@@ -153,7 +168,8 @@ class UNet(nn.Module):
         ch, g = cfg.ch, cfg.norm_groups
         temb_dim = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        self.label_emb = nn.Embedding(cfg.num_classes, temb_dim) if cfg.num_classes else None
+        # row num_classes: the null class (unconditional), learned through label dropout
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -201,6 +217,30 @@ class UNet(nn.Module):
         return d
 
     @property
+    def num_classes(self) -> int | None:
+        """Number of classes K (None: unconditional model)."""
+        return self.config.num_classes
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the null (unconditional) class, K = num_classes; None for an unconditional model."""
+        return self.config.num_classes
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "label_emb.weight"
+        w = state_dict.get(key)
+        K = self.config.num_classes
+        if self.label_emb is not None and w is not None and w.ndim == 2 and w.shape[0] == K:
+            warnings.warn(f"this state dict's label embedding has {K} rows (written before the null class "
+                          f"existed): its null class (label {K}) is set to zeros, the model was not trained for "
+                          "unconditional calls (classifier-free guidance needs a model trained with label dropout)",
+                          UserWarning, stacklevel=3)
+            state_dict[key] = torch.cat([w, w.new_zeros(1, w.shape[1])])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @property
     def in_channels(self):
         return self.config.in_channels
 
@@ -212,7 +252,13 @@ class UNet(nn.Module):
         emb = self.temb(timestep_embedding(t, self.config.ch))  # (B, 4 ch)
         if self.label_emb is not None:
             if y is None:
-                raise ValueError("this UNet is class-conditional (num_classes set): pass y, a LongTensor (B,)")
+                raise ValueError(f"this UNet is class-conditional (num_classes={self.config.num_classes}): pass y, a "
+                                 f"LongTensor (B,) of labels 0..{self.config.num_classes} "
+                                 f"({self.config.num_classes} = the null, unconditional class)")
+            if not isinstance(y, torch.Tensor):  # one label for every sample (e.g. the null class)
+                y = torch.full((x.shape[0],), int(y), dtype=torch.long, device=emb.device)
+            elif y.ndim == 0:
+                y = y.expand(x.shape[0])
             emb = emb + self.label_emb(y)
         h = self.conv_in(x)
         hs = [h]

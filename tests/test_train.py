@@ -313,3 +313,153 @@ def test_checkpoints_are_bounded_by_time(tmp_path):
     assert 1 <= int(ck.read(str(ckfile))[1]["step"]) < 1_000_000
     with pytest.raises(ValueError, match=r"^ckpt_minutes must be a positive number of minutes or None; got 0$"):
         train(small_cfg(tmp_path / "e", ckpt_minutes=0))
+
+
+# --- class-conditional training (--classes) ---------------------------------------------------------------------
+
+
+def cond_cfg(out, **kw):
+    base = dict(data="digits", out=str(out), model="tiny", classes=True, steps=2, batch_size=8, warmup=1,
+                ckpt_every=1, log_every=1, progress=False, model_overrides={"ch": 8, "norm_groups": 4,
+                                                                             "attn_resolutions": ()})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_label_dropout_rate_and_draws():
+    """step_draws: a function of (seed, step); the drops come last (an unconditional run's idx and t
+    are unchanged) and their rate is label_dropout (binomial, 4 sigma)."""
+    from fastddpm.train import step_draws
+
+    n = 64 * 300
+    drops = torch.cat([step_draws(0, k, 1500, 1000, 64, 0.1)[2] for k in range(300)])
+    assert drops.dtype == torch.bool and drops.shape == (n,)
+    assert abs(drops.double().mean().item() - 0.1) < 4 * (0.1 * 0.9 / n) ** 0.5
+    assert abs(torch.cat([step_draws(1, k, 1500, 1000, 64, 0.5)[2] for k in range(50)]).double().mean() - 0.5) < 0.03
+    assert not any(step_draws(0, k, 1500, 1000, 64, 0.0)[2].any() for k in range(20))
+    a, b = step_draws(3, 7, 1500, 1000, 64, 0.1), step_draws(3, 7, 1500, 1000, 64, 0.1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    idx, t, none = step_draws(3, 7, 1500, 1000, 64)
+    assert none is None and torch.equal(idx, a[0]) and torch.equal(t, a[1])
+    assert not torch.equal(step_draws(3, 8, 1500, 1000, 64, 0.1)[0], a[0])
+
+
+def test_training_feeds_the_labels_with_dropout(tmp_path, monkeypatch):
+    """The labels the model sees at each step are the batch's digit labels, the null class 10 where
+    step_draws dropped them."""
+    from fastddpm.train import step_draws
+    from fastddpm.unet import UNet
+
+    seen = []
+    forward = UNet.forward
+
+    def spy(self, x, t, y=None):
+        seen.append(y.clone())
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(UNet, "forward", spy)
+    train(cond_cfg(tmp_path / "c", label_dropout=0.5, steps=3, seed=5, batch_size=16))
+    labels = digits_labels("train")
+    assert len(seen) == 3
+    for step, y in enumerate(seen):
+        idx, _, drop = step_draws(5, step, len(labels), 1000, 16, 0.5)
+        assert torch.equal(y, torch.where(drop, 10, labels[idx])), step
+    assert any((y == 10).any() for y in seen) and any((y < 10).any() for y in seen)
+
+
+def test_class_conditional_resume_is_exact_and_the_model_takes_y(tmp_path):
+    full = train(cond_cfg(tmp_path / "full"))
+    part = cond_cfg(tmp_path / "part")
+    train(part, steps=1)
+    train(part, resume=True)
+    a, b = ck.read(os.path.join(full, "checkpoint.safetensors")), ck.read(str(tmp_path / "part/checkpoint.safetensors"))
+    assert a[1]["step"] == b[1]["step"] == "2"
+    for k in a[0]:
+        torch.testing.assert_close(a[0][k], b[0][k], rtol=0, atol=0, msg=k)
+    cfg = json.loads(a[1]["config"])
+    assert cfg["classes"] is True and cfg["label_dropout"] == 0.1
+    model = fastddpm.load(full)
+    assert model.config.num_classes == 10 and model.null_class == 10 and model.fastddpm_prediction == "eps"
+    assert model.fastddpm_schedule.num_steps == 1000
+    assert json.loads(ck.read_metadata(os.path.join(full, "model.safetensors"))["model_config"])["num_classes"] == 10
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([100, 100, 100])
+    out = model(x, t, y=torch.tensor([0, 9, 10]))
+    assert out.shape == x.shape and not torch.allclose(out[0], out[2])
+    with pytest.raises(ValueError, match="pass y"):
+        model(x, t)
+
+
+def test_class_conditional_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"classes=True \(--classes\).*data='moons' has no labels.*\['digits'\]"):
+        train(small_cfg(tmp_path / "e", classes=True))
+    with pytest.raises(ValueError, match="data='gaussians' has no labels"):
+        train(small_cfg(tmp_path / "e", data="gaussians", classes=True))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=f"data='{folder}' has no labels"):
+        train(cond_cfg(tmp_path / "e", data=str(folder)))
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match=r"label_dropout \(--label-dropout\) must be a probability in \[0, 1\)"):
+            train(cond_cfg(tmp_path / "e", label_dropout=bad))
+    with pytest.raises(ValueError, match="pass classes=True"):
+        train(cond_cfg(tmp_path / "e", classes=False, model_overrides={"num_classes": 10}))
+    assert not (tmp_path / "e").exists()
+    # resume refuses a change of classes or label_dropout
+    run = tmp_path / "r"
+    train(cond_cfg(run, steps=1))
+    with pytest.raises(ValueError, match=r"label_dropout=0.2 \(the run's: 0.1\).*--label-dropout 0.1"):
+        train(cond_cfg(run, label_dropout=0.2), resume=True)
+    with pytest.raises(ValueError, match=r"classes=False \(the run's: True\).*classes=True \(--classes\)"):
+        train(cond_cfg(run, classes=False), resume=True)
+
+
+def test_cli_classes_options(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    base = ["train", "--data", "digits", "--model", "tiny", "--steps", "1", "--batch-size", "2", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--label-dropout", "1.5", "--classes"]) == 2
+    assert "label_dropout (--label-dropout) must be a probability in [0, 1)" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "a"), "--label-dropout", "0.2"]) == 2
+    assert "--label-dropout 0.2 needs --classes" in capsys.readouterr().err
+    assert main(["train", "--data", "moons", "--out", str(tmp_path / "m"), "--classes"]) == 2
+    assert "data='moons' has no labels" in capsys.readouterr().err
+    run = str(tmp_path / "c")
+    assert main(base + ["--out", run, "--classes", "--label-dropout", "0.3"]) == 0
+    # --resume takes --classes and --label-dropout from the run; contradicting them is an error
+    assert main(["train", "--out", run, "--steps", "2", "--resume", "--no-progress"]) == 0
+    assert json.loads(ck.read_metadata(run + "/checkpoint.safetensors")["config"])["label_dropout"] == 0.3
+    assert main(["train", "--out", run, "--steps", "3", "--resume", "--label-dropout", "0.1"]) == 2
+    assert "--label-dropout 0.3" in capsys.readouterr().err
+
+
+def test_shipped_models_load_by_name(tmp_path, monkeypatch):
+    """load() and load("digits"): the unconditional digits model; load("digits-cond"): UNet(num_classes=10)
+    whose output depends on the label; an unknown name that is no path is an error listing the names."""
+    from fastddpm.unet import UNet
+
+    plain, by_name = fastddpm.load(), fastddpm.load("digits")
+    assert plain.num_classes is None
+    for a, b in zip(plain.state_dict().values(), by_name.state_dict().values()):
+        assert torch.equal(a, b)
+    cond = fastddpm.load("digits-cond")
+    assert isinstance(cond, UNet) and cond.num_classes == cond.null_class == 10
+    assert cond.fastddpm_prediction == "eps" and cond.fastddpm_schedule.num_steps == 1000
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)).expand(11, -1, -1, -1)
+    with torch.no_grad():
+        out = cond(x, torch.full((11,), 500), torch.arange(11))  # the 10 digits and the null class
+    gaps = torch.cdist(out.flatten(1), out.flatten(1)) / out.flatten(1).norm(dim=1).mean()
+    assert gaps[~torch.eye(11, dtype=torch.bool)].min() > 1e-2, "some labels give (nearly) the same output"
+    from fastddpm.diffusion import predict_x0
+    from fastddpm.quality import load_classifier
+
+    with torch.no_grad():  # the label steers the prediction: x0 predicted from x_t at t = 500 reads as the digit
+        read = load_classifier()(predict_x0(cond.fastddpm_schedule, x[:10], 500, out[:10]).clamp(-1, 1)).argmax(1)
+    assert (read == torch.arange(10)).sum() >= 8, read.tolist()
+    with pytest.raises(ValueError, match="pass y"):
+        cond(x, torch.full((11,), 500))
+    with pytest.raises(FileNotFoundError, match=r"no run folder or checkpoint file at 'digit-cond'.*'digits-cond'"):
+        fastddpm.load("digit-cond")
+    monkeypatch.chdir(tmp_path)  # a folder named like a shipped model is loaded as the folder it is
+    (tmp_path / "digits").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor checkpoint.safetensors"):
+        fastddpm.load("digits")

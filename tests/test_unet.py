@@ -93,3 +93,47 @@ def test_cuda_graph_capture_and_compile():
         torch.testing.assert_close(compiled(x, t), ref, rtol=1e-3, atol=1e-3)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert m.to(memory_format=torch.channels_last)(x, t).dtype == torch.bfloat16
+
+
+def test_null_class_row_and_old_state_dicts():
+    """num_classes=K: K + 1 label embeddings, label K (null_class) the unconditional one; a K-row
+    state dict (written before the null class existed) loads with a zero null row and a warning."""
+    m = UNet.from_preset("tiny", num_classes=4, ch=16, norm_groups=8).eval()
+    assert m.num_classes == m.null_class == 4 and m.label_emb.weight.shape[0] == 5
+    assert UNet.from_preset("tiny", ch=16, norm_groups=8).null_class is None
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 3])
+    with torch.no_grad():
+        a = m(x, t, torch.tensor([4, 0]))
+        with pytest.raises(IndexError):
+            m(x, t, torch.tensor([5, 0]))
+    old = {k: v for k, v in m.state_dict().items()}
+    old["label_emb.weight"] = old["label_emb.weight"][:4].clone()
+    m2 = UNet.from_preset("tiny", num_classes=4, ch=16, norm_groups=8).eval()
+    with pytest.warns(UserWarning, match="null class \\(label 4\\) is set to zeros"):
+        m2.load_state_dict(old)
+    assert torch.equal(m2.label_emb.weight[4], torch.zeros(64)) and torch.equal(m2.label_emb.weight[:4], old[
+        "label_emb.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x, t, torch.tensor([1, 0]))[1], a[1], rtol=0, atol=0)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"num_classes must be a positive int .*got {bad!r}"):
+            UNet.from_preset("tiny", num_classes=bad)
+
+
+def test_one_label_for_the_batch_and_guidance_zero_is_the_null_class():
+    """y may be an int or a 0-d tensor (the sampler's unconditional call passes the null class so);
+    sample(guidance_scale=0) is then the null class's conditional sampling."""
+    import fastddpm
+
+    torch.manual_seed(0)
+    m = UNet.from_preset("tiny", in_channels=1, num_classes=3, ch=16, norm_groups=8, attn_resolutions=()).eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 9])
+    with torch.no_grad():
+        ref = m(x, t, torch.tensor([3, 3]))
+        torch.testing.assert_close(m(x, t, 3), ref, rtol=0, atol=0)
+        torch.testing.assert_close(m(x, t, torch.tensor(3)), ref, rtol=0, atol=0)
+    kw = dict(steps=2, method="ddim", backend="reference", seed=1)
+    a = fastddpm.sample(m, 2, class_labels=[0, 2], guidance_scale=0.0, **kw)
+    b = fastddpm.sample(m, 2, class_labels=[3, 3], **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, fastddpm.sample(m, 2, class_labels=[0, 2], **kw))
