@@ -196,10 +196,13 @@ def class_keyword(model):
     from .unet import UNet
 
     if isinstance(model, UNet):
-        K = model.cfg.num_classes
+        K = model.config.num_classes
         if not K:
             return None, None, None, {}, {}
-        return "y", K + 1, K, {}, {}  # fastddpm's UNet(num_classes=K): labels 0..K-1, the null class K
+        # fastddpm's UNet(num_classes=K): labels 0..K-1, the null class K (row K of its label embedding;
+        # a UNet whose embedding has only K rows has no null class: guidance then needs null_class=)
+        rows = model.label_emb.num_embeddings
+        return "y", rows, (K if rows > K else None), {}, {}
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "num_class_embeds") and type(model).__name__ == "UNet2DModel":
         K = cfg.num_class_embeds
