@@ -166,7 +166,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     backend: "reference" (plain PyTorch loop), "fused" (Triton step kernels, eager loop), "graph"
         (the fused loop replayed from captured CUDA graphs; seed= noise only; fastddpm.graphs),
         "auto" (graph on CUDA, falling back to fused with one warning if the model cannot be
-        captured; fused with generator=; reference on the CPU).
+        captured; fused with generator= or conditioning; reference on the CPU).
     compile: run the model through torch.compile (default mode) inside our loop, graphed or not.
     device: where to sample (default: the model's parameters' device, else the CPU).
     progress: True shows a tqdm bar over every model evaluation of the call; or pass your own bar
@@ -210,6 +210,12 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
     requested = backend
     backend = resolve_backend(backend, device, generator)
+    if conditioning is not None and backend == "graph":  # the captured loops do not take conditioning yet
+        if requested == "graph":
+            raise ValueError("backend='graph' does not take class_labels / cond / uncond / guidance yet (the captured "
+                             "loops call the model unconditionally); use backend='fused' (the same kernels, eager "
+                             "loop) or 'auto'")
+        backend = "fused"
 
     out = torch.empty((n, *shape), dtype=torch.float32, device=device)
     starts = range(0, n, batch_size)
