@@ -217,3 +217,21 @@ def test_resume_with_other_class_or_guidance_is_refused(cond_model, tmp_path, ca
     assert "other arguments" in e and "labels_sha256" in e and "'class': ('all', [2, 1])" in e
     assert main([*common, "--class", "all", "--guidance", "3"]) == 0  # the same arguments complete it
     assert read_npz(tmp_path / "samples.npz")["labels"].tolist() == [0, 0, 1, 2]
+
+
+def test_model_digits_cond_is_the_shipped_class_conditional_model(tmp_path, capsys):
+    """--model digits-cond loads fastddpm.load("digits-cond"); where this installation does not ship
+    it, the error names the option and the model (no traceback)."""
+    try:
+        model = fastddpm.load("digits-cond")
+    except FileNotFoundError:
+        model = None
+    out = tmp_path / "s"
+    rc = main(["sample", "--model", "digits-cond", "--class", "all", "-n", "10", "--steps", "2", "--no-progress",
+               "--out", str(out)])
+    if model is None:
+        assert rc == 2 and "--model digits-cond: this installation has no shipped model 'digits-cond'" in \
+            capsys.readouterr().err
+        return
+    assert rc == 0 and model.config.num_classes == 10
+    assert read_npz(out / "samples.npz")["labels"].tolist() == list(range(10))
