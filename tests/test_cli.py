@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastddpm
+from cond_models import tiny_cond_unet
 from fastddpm.checkpoint import shipped_model_path
 from fastddpm.cli import main
 from fastddpm.quality import evaluate
@@ -91,16 +92,6 @@ def test_module_entry_point():
 
 
 # ------------------------------------------------------------------ --class / --guidance (issue 22)
-def tiny_cond_unet(K=3):
-    """A tiny random UNet(num_classes=K) with K + 1 label embeddings (row K: the null class, as
-    UNet(num_classes=K) has once it carries its null class; added here where it does not yet)."""
-    torch.manual_seed(0)
-    m = fastddpm.UNet.from_preset("tiny", ch=16, norm_groups=8, image_size=8, num_classes=K)
-    if m.label_emb.num_embeddings == K:
-        m.label_emb = torch.nn.Embedding(K + 1, m.label_emb.embedding_dim)
-    return m.eval().requires_grad_(False)
-
-
 @pytest.fixture
 def cond_model(monkeypatch):
     """`fastddpm sample` given a tiny class-conditional model (K = 3) in place of the file it names."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastddpm
+from cond_models import tiny_cond_unet
 from fastddpm import checkpoint as ck
 from fastddpm.train import TrainConfig, train
 
@@ -191,16 +192,6 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path,
 
 
 # ------------------------------------------------------------------ class labels and guidance (issue 22)
-def tiny_cond_unet(K=3):
-    """A tiny random UNet(num_classes=K) with a null class (label embedding row K; added here where
-    UNet(num_classes=K) does not have it yet)."""
-    torch.manual_seed(0)
-    m = fastddpm.UNet.from_preset("tiny", ch=16, norm_groups=8, image_size=8, num_classes=K)
-    if m.label_emb.num_embeddings == K:
-        m.label_emb = torch.nn.Embedding(K + 1, m.label_emb.embedding_dim)
-    return m.eval().requires_grad_(False)
-
-
 def test_sharded_guided_sampling_cuts_labels_and_conditions_with_the_shards(tmp_path):
     """Two ranks (run one after the other in this process: without a process group the barriers
     pass) sample their shards of a guided call with per-sample labels and a per-sample uncond
@@ -253,7 +244,11 @@ def test_torchrun_class_sampling_equals_one_process(tiny_cond_checkpoint, tmp_pa
     assert lab.tolist() == labels.tolist()
     from fastddpm.images import to_uint8_nhwc
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1)
-    want = to_uint8_nhwc(fastddpm.sample(model, 10, steps=6, method="ddim", seed=3, batch_size=3,
-                                         class_labels=labels, guidance_scale=3.0 if guided else 1.0))
+    try:
+        want = to_uint8_nhwc(fastddpm.sample(model, 10, steps=6, method="ddim", seed=3, batch_size=3,
+                                             class_labels=labels, guidance_scale=3.0 if guided else 1.0))
+    finally:
+        torch.set_num_threads(threads)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

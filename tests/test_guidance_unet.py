@@ -4,18 +4,8 @@ import pytest
 import torch
 
 import fastddpm
+from cond_models import tiny_cond_unet
 from fastddpm import graphs
-
-
-def tiny_cond_unet(K=3, null_row=True):
-    """A tiny random UNet(num_classes=K); null_row: its label embedding has row K (the null class),
-    else K rows only (a UNet without a null class)."""
-    torch.manual_seed(0)
-    m = fastddpm.UNet.from_preset("tiny", ch=16, norm_groups=8, image_size=8, num_classes=K)
-    rows = K + 1 if null_row else K
-    if m.label_emb.num_embeddings != rows:
-        m.label_emb = torch.nn.Embedding(rows, m.label_emb.embedding_dim)
-    return m.eval().requires_grad_(False)
 
 
 KW = dict(steps=2, method="ddim", seed=0, backend="reference")
