@@ -64,6 +64,96 @@ def capturing() -> bool:
 
 
 # ----------------------------------------------------------------------------------- plan
+class StaticGuide:
+    """A captured loop's conditioning (fastddpm.guidance): every tensor the model calls take (labels,
+    per-sample conditions, the doubled batch's labels) in a static buffer, refilled per batch; the
+    scale w in a device buffer (1,) read by the step kernels (and by the coefficient kernel of
+    guidance_rescale / guidance_parallel, which writes a static (B, 2) buffer): one capture serves
+    every label set and every scale w other than 0 and 1 (those make one call per step, a different
+    pattern). `modes` says per model evaluation what runs: "cond", "uncond" or "guided"."""
+
+    def __init__(self, conditioning, modes, B, device):
+        self.modes = tuple(modes)
+        self.conditioning = conditioning
+        template = conditioning.batch(0, B, device)
+        self.kw = {group: (None if d is None else {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                   for k, v in d.items()})
+                   for group, d in template.items()}
+        self.w = torch.ones(1, dtype=torch.float32, device=device)
+        cfg = conditioning.cfg
+        self.cfg = type(cfg)(self.w, cfg.rescale, cfg.parallel)
+        self.coef = torch.empty((B, 2), dtype=torch.float32, device=device) if cfg.needs_reduction else None
+        # the doubled model input (2B, ...): the step kernels write the state into both halves
+        self.x2 = None
+
+    def double(self, x):
+        """The plan's state x (B, ...) -> a view of the first half of a (2B, ...) buffer whose second
+        half the step kernels keep equal to it (when guided steps make one doubled call)."""
+        if self.kw["doubled"] is None or "guided" not in self.modes:
+            return x
+        from .layout import follow_layout
+
+        x2 = follow_layout(torch.empty((2 * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device), x)
+        self.x2 = x2
+        return x2[:x.shape[0]]
+
+    @staticmethod
+    def key(conditioning, modes, B, device) -> tuple:
+        """What a capture depends on: the pattern of modes, the options, the structure of the calls
+        (tensors by shape and dtype: their values are refilled per batch; other values as they are)."""
+        def shape(v):
+            return ("T", tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else ("V", repr(v))
+
+        template = conditioning.batch(0, B, device)
+        calls = tuple((g, None if d is None else tuple(sorted((k, shape(v)) for k, v in d.items())))
+                      for g, d in sorted(template.items()))
+        return (tuple(modes), conditioning.cfg.rescale, conditioning.cfg.parallel, calls)
+
+    def set(self, batch_kw: dict, scale: float):
+        """Fill the static buffers with a batch's conditions (Conditioning.batch) and the scale."""
+        for group, d in self.kw.items():
+            for k, v in (d or {}).items():
+                if isinstance(v, torch.Tensor):
+                    v.copy_(batch_kw[group][k])
+        self.w.fill_(scale)
+
+    def call(self, forward, x, t, mode, *cond):
+        """(conditional output, unconditional output or None) of one step's model call(s)."""
+        from .guidance import call
+
+        mo = call(forward, x, t, mode, self.kw, *cond, x2=self.x2 if mode == "guided" else None)
+        if mode != "guided":
+            return mo, None
+        if isinstance(mo, tuple):
+            return mo
+        B = x.shape[0]
+        return mo[:B], mo[B:]
+
+    def sync(self, x):
+        """The doubled input's second half := x (after the initial noise)."""
+        if self.x2 is not None:
+            self.x2[x.shape[0]:].copy_(x)
+
+    def step_kw(self, mode) -> dict:
+        dup = {"dup_out": self.x2[self.x2.shape[0] // 2:]} if self.x2 is not None else {}
+        if mode != "guided":
+            return dup
+        return dict(guidance=self.cfg, coef_out=self.coef, **dup)
+
+
+def segments(modes, S, reverse) -> list:
+    """[(mode, run length)] of consecutive model evaluations with one mode, in loop order."""
+    order = list(reversed(range(S))) if reverse else list(range(S))
+    runs = []
+    for idx in order:
+        m = modes[idx] if modes is not None else None
+        if runs and runs[-1][0] == m:
+            runs[-1][1] += 1
+        else:
+            runs.append([m, 1])
+    return [tuple(r) for r in runs]
+
+
 class LoopPlan:
     """One batch's sampling loop on static buffers, with the step index on the device.
 
@@ -71,16 +161,19 @@ class LoopPlan:
     begin() draws x_T and resets the index and flag; step() runs one step. Both only launch
     device work on device data, so they can be captured."""
 
-    def __init__(self, forward, s, shape, device, opts, layout=torch.contiguous_format):
+    def __init__(self, forward, s, shape, device, opts, layout=torch.contiguous_format, guide=None):
         from .kernels.step import step_forward
 
         self._step_forward = step_forward
+        self.guide = guide
         self.forward = forward
         self.s = s
         self.S = s.num_steps
         self.device = device
         B = shape[0]
         self.x = torch.empty(shape, dtype=torch.float32, device=device, memory_format=layout)
+        if guide is not None:
+            self.x = guide.double(self.x)
         self.i = torch.empty(B, dtype=torch.long, device=device)
         self.rng = torch.zeros(3, dtype=torch.long, device=device)
         self.flag = torch.full((), -1, dtype=torch.long, device=device)
@@ -117,37 +210,51 @@ class LoopPlan:
         from .kernels.noise import normal_forward
 
         normal_forward(self.x, rng.TAG_INIT, rng=self.rng)
+        if self.guide is not None:
+            self.guide.sync(self.x)
         if self.x0 is not None:
             self.x0.zero_()
         self.i.fill_(self.S - 1)
         self.flag.fill_(-1)
 
-    def step(self):
+    def step(self, mode=None):
         t = torch.index_select(self.timesteps, 0, self.i)
-        mo = self.forward(self.x, t, *self._cond())
+        mo, mu = self._model(t, mode)
+        gkw = self.guide.step_kw(mode) if self.guide is not None else {}
         if self.dpm:  # first-order steps (the first, the last) never read the previous x0
             self._dpm_forward(self.s, self.x, self.i, mo, self.x0, None, **self.kw, out=self.x, x0_out=self.x0,
-                              rng=self.rng, flag=self.flag)
+                              rng=self.rng, flag=self.flag, uncond_output=mu, **gkw)
         else:
             self._step_forward(self.s, self.x, self.i, mo, None, **self.kw, out=self.x, rng=self.rng,
-                               flag=self.flag, x0_out=self.x0)
+                               flag=self.flag, x0_out=self.x0, uncond_output=mu, **gkw)
         self.i.sub_(1)
+
+    def _model(self, t, mode):
+        """(output, unconditional output of a guided step or None)."""
+        if self.guide is None:
+            return self.forward(self.x, t, *self._cond()), None
+        return self.guide.call(self.forward, self.x, t, mode, *self._cond())
 
     def _cond(self):
         return (self.x0,) if self.self_condition else ()
 
-    def steps(self, k: int):
+    def steps(self, k: int, mode=None):
         for _ in range(k):
-            self.step()
+            self.step(mode)
+
+    def segments(self):
+        return segments(self.guide.modes if self.guide is not None else None, self.S, reverse=True)
 
     def first_call(self, check_output):
         """The first model call, eager: validates the output and adopts its memory layout
         (a channels_last model keeps a channels_last state, so the step never copies)."""
         self.begin()
         t = torch.index_select(self.timesteps, 0, self.i)
-        mo = self.forward(self.x, t, *self._cond())
+        mo, _ = self._model(t, self.segments()[0][0])
         check_output(mo, self.x)
-        self.x = follow_layout(self.x, mo)
+        x = follow_layout(self.x, mo)
+        if x is not self.x:
+            self.x = self.guide.double(x) if self.guide is not None else x
         if self.x0 is not None:
             self.x0 = follow_layout(self.x0, mo)
 
@@ -158,17 +265,20 @@ class SigmaLoopPlan:
     draws the first model input in a kernel; step() = the model at the stage's timestep, then one
     fused stage update (x and the history in place), k += 1. S = the number of model evaluations."""
 
-    def __init__(self, forward, s, shape, device, opts, layout=torch.contiguous_format):
+    def __init__(self, forward, s, shape, device, opts, layout=torch.contiguous_format, guide=None):
         from .kernels.noise import normal_forward
         from .kernels.sigma_step import sigma_step_forward
 
         self._step_forward, self._normal_forward = sigma_step_forward, normal_forward
+        self.guide = guide
         self.forward = forward
         self.plan = opts["plan"]
         self.S = self.plan.nfe
         self.device = device
         B = shape[0]
         self.x = torch.empty(shape, dtype=torch.float32, device=device, memory_format=layout)
+        if guide is not None:
+            self.x = guide.double(self.x)
         self.k = torch.empty(B, dtype=torch.long, device=device)
         self.rng = torch.zeros(3, dtype=torch.long, device=device)
         self.flag = torch.full((), -1, dtype=torch.long, device=device)
@@ -182,26 +292,39 @@ class SigmaLoopPlan:
         # the first model input c_in (sigma_max z(TAG_INIT) + the first churn noise z(tag 0)): karras.initial_state
         self._normal_forward(self.x, rng.TAG_INIT, rng=self.rng, scale=self.plan.init_std, tag2=0,
                              scale2=self.plan.init_churn)
+        if self.guide is not None:
+            self.guide.sync(self.x)
         for h in self.hist:
             h.zero_()
         self.k.fill_(0)
         self.flag.fill_(-1)
 
-    def step(self):
+    def step(self, mode=None):
         t = torch.index_select(self._tables[2], 0, self.k)
-        mo = self.forward(self.x, t)
+        mo, mu = self._model(t, mode)
+        gkw = self.guide.step_kw(mode) if self.guide is not None else {}
         self._step_forward(self.plan, self.x, self.k, mo, self.hist, None, seed=None, sample_offset=0, out=self.x,
-                           rng=self.rng, flag=self.flag)
+                           rng=self.rng, flag=self.flag, uncond_output=mu, **gkw)
         self.k.add_(1)
 
+    def _model(self, t, mode):
+        if self.guide is None:
+            return self.forward(self.x, t), None
+        return self.guide.call(self.forward, self.x, t, mode)
+
     steps = LoopPlan.steps
+
+    def segments(self):
+        return segments(self.guide.modes if self.guide is not None else None, self.S, reverse=False)
 
     def first_call(self, check_output):
         """The first model call, eager: validates the output and adopts its memory layout."""
         self.begin()
-        mo = self.forward(self.x, torch.index_select(self._tables[2], 0, self.k))
+        mo, _ = self._model(torch.index_select(self._tables[2], 0, self.k), self.segments()[0][0])
         check_output(mo, self.x)
-        self.x = follow_layout(self.x, mo)
+        x = follow_layout(self.x, mo)
+        if x is not self.x:
+            self.x = self.guide.double(x) if self.guide is not None else x
         self.hist = tuple(follow_layout(h, mo) for h in self.hist)
 
 
@@ -216,11 +339,15 @@ class GraphLoop:
         self.plan = plan
         self.group = group
         self.k = min(chunk, plan.S)
-        self.n_chunks, self.tail = divmod(plan.S, self.k)
         self.capture = capture
         self._init = plan.begin
-        self._chunk = lambda: plan.steps(self.k)
-        self._tail = lambda: plan.steps(self.tail)
+        # the loop as runs of at most K model evaluations of one guidance mode (one mode without
+        # guidance): a chunk graph per (mode, length), each replayed wherever that run occurs
+        self.runs = []
+        for mode, length in plan.segments():
+            q, r = divmod(length, self.k)
+            self.runs += [(mode, self.k)] * q + ([(mode, r)] if r else [])
+        self._fns = {run: (lambda m=run[0], c=run[1]: plan.steps(c, m)) for run in self.runs}
         self.graphs = ()
         self.pool = None
 
@@ -232,9 +359,9 @@ class GraphLoop:
         plan, dev = self.plan, self.plan.device
         forward, model_errors = plan.forward, []
 
-        def tracked(x, t, *cond):  # tells the model's own failures from the capture machinery's
+        def tracked(x, t, *cond, **kw):  # tells the model's own failures from the capture machinery's
             try:
-                return forward(x, t, *cond)
+                return forward(x, t, *cond, **kw)
             except Exception as e:
                 model_errors.append(e)
                 raise
@@ -248,16 +375,19 @@ class GraphLoop:
             plan.forward = tracked
             try:
                 with _stream_ctx(side):
-                    plan.begin()
-                    plan.steps(min(2, plan.S))  # compiles the kernels; a compiled model's second call
+                    for mode in dict.fromkeys(m for m, _ in self.runs):  # every mode's kernels and calls
+                        plan.begin()
+                        plan.steps(min(2, plan.S), mode)  # compiles the kernels; a compiled model's second call
                 with _capture_lock:
                     if self.capture:
                         torch.cuda.current_stream(dev).wait_stream(side)
                         torch.cuda.synchronize(dev)
                     pool = self.group.pool(dev)
-                    graphs = [self._capture(self._init, pool), self._capture(self._chunk, pool)]
-                    if self.tail:
-                        graphs.append(self._capture(self._tail, pool))
+                    graphs = [self._capture(self._init, pool)]
+                    captured = {}
+                    for run in dict.fromkeys(self.runs):
+                        captured[run] = self._capture(self._fns[run], pool)
+                        graphs.append(captured[run])
             except Exception as e:  # noqa: BLE001 - any failure here means "run this model eagerly"
                 if self.capture:
                     try:
@@ -272,9 +402,7 @@ class GraphLoop:
         self.pool = pool
         self.graphs = tuple(graphs)
         self._init = graphs[0].replay
-        self._chunk = graphs[1].replay
-        if self.tail:
-            self._tail = graphs[2].replay
+        self._fns = {run: g.replay for run, g in captured.items()}
         return self
 
     def _capture(self, fn, pool):
@@ -286,9 +414,12 @@ class GraphLoop:
             fn()
         return g
 
-    def run(self, seed: int, first_sample: int, out: torch.Tensor, flag_out: torch.Tensor, bar=None):
+    def run(self, seed: int, first_sample: int, out: torch.Tensor, flag_out: torch.Tensor, bar=None,
+            conditions=None, scale=1.0):
         """Sample one batch into out (B, C, H, W); copy the batch's first-bad-step flag into
         flag_out (a 0-d int64 tensor). Host synchronisation only for progress, per chunk.
+        conditions: the batch's Conditioning.batch(...) (guided loops), copied into the static
+        buffers with the scale.
         Replays of one model's loops never overlap (they share a pool and the static buffers):
         they are queued under the group's lock, each after the previous one's last copy."""
         plan, group = self.plan, self.group
@@ -296,11 +427,13 @@ class GraphLoop:
             if group.last_replay is not None:
                 torch.cuda.current_stream(plan.device).wait_event(group.last_replay)
             plan.set_rng(seed, first_sample)
+            if plan.guide is not None:
+                plan.guide.set(conditions, scale)
             self._init()
             pending = collections.deque()
-            runs = [(self._chunk, self.k)] * self.n_chunks + ([(self._tail, self.tail)] if self.tail else [])
-            for fn, k in runs:
-                fn()
+            for run in self.runs:
+                self._fns[run]()
+                k = run[1]
                 if bar is not None:
                     pending.append((_event(plan.device), k))
                     while len(pending) > 1:  # report the chunk before the one just queued

@@ -46,7 +46,7 @@ import weakref
 import torch
 from torch import nn
 
-from .graph_loop import CaptureError, GraphLoop, LoopPlan, SigmaLoopPlan
+from .graph_loop import CaptureError, GraphLoop, LoopPlan, SigmaLoopPlan, StaticGuide
 from .graph_loop import capturing  # noqa: F401 - public here too: models and tests ask fastddpm.graphs
 
 __all__ = ["supported", "clear_cache", "CaptureError", "CHUNK_STEPS"]
@@ -155,12 +155,15 @@ def _lookup(group, key):
 
 
 def loop_for(model, forward, s, shape, device, opts, extra_key, check_output,
-             layout=torch.contiguous_format) -> GraphLoop:
+             layout=torch.contiguous_format, guide=None) -> GraphLoop:
     """The cached GraphLoop for this model and configuration, built on a miss (once: a thread
     that misses while another builds waits for it). Raises CaptureError (also for a
-    configuration whose model code failed to capture before)."""
+    configuration whose model code failed to capture before). guide: (fastddpm.guidance's
+    Conditioning, its modes) of a conditioned call: its labels and scale are the loop's device
+    data, so the key holds only their structure (graph_loop.StaticGuide.key)."""
     weights = _weights_key(model)
-    key = (weights, tuple(shape), str(device), _schedule_key(s), _options_key(opts), CHUNK_STEPS, extra_key)
+    gkey = StaticGuide.key(*guide, shape[0], device) if guide is not None else None
+    key = (weights, tuple(shape), str(device), _schedule_key(s), _options_key(opts), CHUNK_STEPS, extra_key, gkey)
     group = _group(model, create=True)
     hit = _lookup(group, key)
     if hit is None:
@@ -168,7 +171,9 @@ def loop_for(model, forward, s, shape, device, opts, extra_key, check_output,
             hit = _lookup(group, key)
             if hit is None:
                 plan_type = SigmaLoopPlan if "plan" in opts else LoopPlan
-                hit = _build(group, key, weights, plan_type(forward, s, shape, device, opts, layout), check_output)
+                static = StaticGuide(*guide, shape[0], device) if guide is not None else None
+                hit = _build(group, key, weights, plan_type(forward, s, shape, device, opts, layout, static),
+                             check_output)
     if isinstance(hit, CaptureError):
         raise hit
     return hit

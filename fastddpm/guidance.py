@@ -33,12 +33,13 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-__all__ = ["CFG", "combine", "coefficients", "resolve", "Conditioning", "class_keyword"]
+__all__ = ["CFG", "combine", "coefficients", "resolve", "Conditioning", "class_keyword", "ClassConditioning"]
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,14 @@ def _std(v):
 
 def combine(model_output, guidance, x) -> torch.Tensor:
     """The reference combine (module docstring) of a guided step's model output (doubled batch or
-    pair) -> the guided output (B, ...), in the model output's dtype, as the peers compute it."""
+    pair) -> the guided output (B, ...) float32, as the peers compute it (in float32: for a
+    half-precision model the peers combine in its dtype; fastddpm's step math is float32)."""
     g = check_cfg(guidance)
     mo_c, mo_u = split_output(model_output, x)
     C_ = x.shape[1] if x.ndim > 1 else None
     extra = C_ is not None and mo_c.ndim > 1 and mo_c.shape[1] == 2 * C_  # learned variance channels
     c, u = (mo_c[:, :C_], mo_u[:, :C_]) if extra else (mo_c, mo_u)
+    c, u = c.float(), u.float()  # step math in float32 whatever the model's dtype (DESIGN.md, "Numerics")
     w = g.scale.to(c.device, c.dtype).reshape(()) if isinstance(g.scale, torch.Tensor) else g.scale
     if g.parallel != 1:  # denoising-diffusion-pytorch's forward_with_cond_scale (project() in float64)
         d = (c - u).flatten(1).double()
@@ -132,7 +135,7 @@ def combine(model_output, guidance, x) -> torch.Tensor:
         out = u + w * (c - u)
     if g.rescale != 0:  # diffusers' rescale_noise_cfg
         out = g.rescale * (out * (_std(c) / _std(out))) + (1 - g.rescale) * out
-    return torch.cat([out, mo_c[:, C_:]], dim=1) if extra else out
+    return torch.cat([out, mo_c[:, C_:].float()], dim=1) if extra else out
 
 
 def coefficients(model_output, guidance, x, moments=None) -> torch.Tensor:
@@ -190,34 +193,53 @@ def _accepts(sig, name) -> bool:
     return name in ps or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values())
 
 
-def class_keyword(model):
-    """(keyword, number of label values the model embeds or None, default null class or None,
-    default cond / uncond extras) of a class-conditional model."""
+class ClassConditioning(NamedTuple):
+    """How a model takes class labels: its keyword, how many classes (labels 0 .. classes - 1; None:
+    unknown), how many label values it embeds (the null class included; None: unknown), its own
+    null class (None: none), and extra keywords of its conditional / unconditional calls."""
+    keyword: str | None = None
+    classes: int | None = None
+    embeds: int | None = None
+    null: int | None = None
+    cond_extra: dict = {}
+    uncond_extra: dict = {}
+
+
+def _int_attr(obj, name):
+    v = getattr(obj, name, None)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def class_keyword(model) -> ClassConditioning:
+    """How `model` takes class labels (ClassConditioning); keyword None: it takes none."""
     from .unet import UNet
 
     if isinstance(model, UNet):
         K = model.config.num_classes
         if not K:
-            return None, None, None, {}, {}
+            return ClassConditioning()
         # fastddpm's UNet(num_classes=K): labels 0..K-1, the null class K (row K of its label embedding;
         # a UNet whose embedding has only K rows has no null class: guidance then needs null_class=)
         rows = model.label_emb.num_embeddings
-        return "y", rows, (K if rows > K else None), {}, {}
+        return ClassConditioning("y", K, rows, K if rows > K else None)
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "num_class_embeds") and type(model).__name__ == "UNet2DModel":
-        K = cfg.num_class_embeds
-        return ("class_labels", K, None, {}, {}) if K else (None, None, None, {}, {})
+        K = cfg.num_class_embeds  # which of them is the null class is the user's (null_class=)
+        return ClassConditioning("class_labels", K, K) if K else ClassConditioning()
     if _is_ddp_cfg_unet(model):  # its null is a learned embedding chosen by cond_drop_prob=1
-        return "classes", model.classes_emb.num_embeddings, None, {"cond_drop_prob": 0.0}, {"cond_drop_prob": 1.0}
+        K = model.classes_emb.num_embeddings
+        return ClassConditioning("classes", K, K, None, {"cond_drop_prob": 0.0}, {"cond_drop_prob": 1.0})
     sig = _signature(model)
     if sig is not None:
         for name in _KEYWORDS:
-            if name in sig.parameters:
-                return name, None, None, {}, {}
-    return None, None, None, {}, {}
+            if name in sig.parameters:  # guided-diffusion style: `num_classes` and `null_class` attributes
+                K, null = _int_attr(model, "num_classes"), _int_attr(model, "null_class")
+                embeds = None if K is None else max(K, null + 1 if null is not None else K)
+                return ClassConditioning(name, K, embeds, null)
+    return ClassConditioning()
 
 
-def _labels(v, n, name, num):
+def _labels(v, n, name, classes):
     if isinstance(v, torch.Tensor):
         t = v
     elif isinstance(v, numbers.Integral) and not isinstance(v, bool):
@@ -233,9 +255,10 @@ def _labels(v, n, name, num):
     if t.ndim != 1 or t.shape[0] != n:
         raise ValueError(f"{name} must hold one label per image: shape ({n},); got shape {tuple(t.shape)}")
     t = t.long()
-    if num is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num):
-        raise ValueError(f"{name} must be in [0, {num - 1}] for this model; got values in [{int(t.min())}, "
-                         f"{int(t.max())}]")
+    lo = int(t.min()) if t.numel() else 0
+    if lo < 0 or (classes is not None and t.numel() and int(t.max()) >= classes):
+        allowed = f"in [0, {classes - 1}] for this model" if classes is not None else ">= 0"
+        raise ValueError(f"{name} must be {allowed}; got values in [{lo}, {int(t.max())}]")
     return t
 
 
@@ -277,7 +300,7 @@ def resolve(model, n, *, class_labels=None, cond=None, uncond=None, null_class=N
             raise ValueError(f"guidance_scale={guidance_scale!r} (or another guidance option) needs a conditional "
                              "call: pass class_labels= (a class-conditional model) or cond= / uncond=")
         return None
-    keyword, num, null_default, cond_extra, uncond_extra = class_keyword(model)
+    keyword, classes, embeds, null_default, cond_extra, uncond_extra = class_keyword(model)
     cond = {**cond_extra, **(cond or {})}
     if class_labels is not None:
         if keyword is None:
@@ -286,7 +309,7 @@ def resolve(model, n, *, class_labels=None, cond=None, uncond=None, null_class=N
                              "model's own keyword")
         if keyword in cond:
             raise ValueError(f"class_labels and cond={{{keyword!r}: ...}} both set the model's {keyword!r}; pass one")
-        cond[keyword] = _labels(class_labels, n, "class_labels", num)
+        cond[keyword] = _labels(class_labels, n, "class_labels", classes)
     uncond_given = uncond is not None
     uncond = {**uncond_extra, **(uncond or {})}
     if null_class is not None:
@@ -294,8 +317,8 @@ def resolve(model, n, *, class_labels=None, cond=None, uncond=None, null_class=N
             raise ValueError(f"null_class={null_class!r} was given but this {type(model).__name__} takes no class "
                              "labels; pass uncond= with the model's own keyword")
         if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral) or \
-                (num is not None and not 0 <= int(null_class) < num):
-            allowed = f"an int in [0, {num - 1}]" if num is not None else "an int"
+                int(null_class) < 0 or (embeds is not None and int(null_class) >= embeds):
+            allowed = f"an int in [0, {embeds - 1}]" if embeds is not None else "an int >= 0"
             raise ValueError(f"null_class must be {allowed} (the label of the unconditional call); got "
                              f"{null_class!r}")
         uncond[keyword] = int(null_class)
@@ -373,7 +396,9 @@ class Conditioning:
             return v
 
         cond = {k: take(v) for k, v in self.cond.items()}
-        uncond = {k: take(v) for k, v in self.uncond.items()}
+        # a number replacing a per-sample tensor (the null class for the labels) becomes a tensor like it
+        uncond = {k: take(v, cond[k] if _is_per_sample(self.cond.get(k), self.n) else None)
+                  for k, v in self.uncond.items()}
         doubled = None
         if self.doubled:
             doubled = {}
@@ -391,16 +416,17 @@ class Conditioning:
 _MISSING = object()
 
 
-def call(forward, x, t, mode, kw, *cond):
+def call(forward, x, t, mode, kw, *cond, x2=None):
     """The model call(s) of one step: "cond" / "uncond" -> the output (B, ...); "guided" -> the
     doubled batch's output (2B, ...), conditional rows first (one call on cat([x, x]) where the
-    conditions merge, else the two calls' outputs as a pair)."""
+    conditions merge, else the two calls' outputs as a pair). x2: the doubled input, when the
+    caller keeps one (the captured loops' step kernels write both halves)."""
     if mode == "cond":
         return forward(x, t, *cond, **kw["cond"])
     if mode == "uncond":
         return forward(x, t, *cond, **kw["uncond"])
     if kw["doubled"] is not None:
-        return forward(torch.cat([x, x]), torch.cat([t, t]), **kw["doubled"])
+        return forward(torch.cat([x, x]) if x2 is None else x2, torch.cat([t, t]), **kw["doubled"])
     return forward(x, t, **kw["cond"]), forward(x, t, **kw["uncond"])
 
 

@@ -166,7 +166,7 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     backend: "reference" (plain PyTorch loop), "fused" (Triton step kernels, eager loop), "graph"
         (the fused loop replayed from captured CUDA graphs; seed= noise only; fastddpm.graphs),
         "auto" (graph on CUDA, falling back to fused with one warning if the model cannot be
-        captured; fused with generator= or conditioning; reference on the CPU).
+        captured; fused with generator=; reference on the CPU).
     compile: run the model through torch.compile (default mode) inside our loop, graphed or not.
     device: where to sample (default: the model's parameters' device, else the CPU).
     progress: True shows a tqdm bar over every model evaluation of the call; or pass your own bar
@@ -197,7 +197,6 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     seed, batch_size = _check_call(model, n, prediction, steps, seed, generator, sample_offset, progress, batch_size,
                                    compile)
     clip = C.check_clip(m.clip if isinstance(clip, str) and clip == "auto" else clip)
-    C.check_self_condition(model, mopts.get("self_condition", False))
     shape = _resolve_shape(model, shape)
     C.check_schedule_fits_model(model, schedule)
     s = _resolve_schedule(model, schedule, steps, m.name)
@@ -207,15 +206,11 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
                                     guidance_interval=guidance_interval, guidance_rescale=guidance_rescale,
                                     guidance_parallel=guidance_parallel,
                                     self_condition=mopts.get("self_condition", False))
+    C.check_self_condition(model, mopts.get("self_condition", False),
+                           tuple(conditioning.cond) if conditioning is not None else ())
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
     requested = backend
     backend = resolve_backend(backend, device, generator)
-    if conditioning is not None and backend == "graph":  # the captured loops do not take conditioning yet
-        if requested == "graph":
-            raise ValueError("backend='graph' does not take class_labels / cond / uncond / guidance yet (the captured "
-                             "loops call the model unconditionally); use backend='fused' (the same kernels, eager "
-                             "loop) or 'auto'")
-        backend = "fused"
 
     out = torch.empty((n, *shape), dtype=torch.float32, device=device)
     starts = range(0, n, batch_size)
@@ -240,11 +235,13 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
             guide = (conditioning, modes, conditioning.batch(start, B, device)) if conditioning else None
             if backend == "graph":
                 loop = _graph_loop(model, s, (B, *shape), device, model_dtype, autocast, opts, compile, full,
-                                   layout, explicit=requested == "graph")
+                                   layout, explicit=requested == "graph",
+                                   guide=(conditioning, modes) if conditioning else None)
                 if loop is not None:
                     if flags is None:
                         flags = torch.full((len(starts),), -1, dtype=torch.long, device=device)
-                    loop.run(seed, sample_offset + start, out[start:start + B], flags[j], bar)
+                    loop.run(seed, sample_offset + start, out[start:start + B], flags[j], bar,
+                             conditions=guide[2] if guide else None, scale=float(guidance_scale))
                     continue
                 backend = "fused"
             batch = _sample_sigma_batch if plan is not None else _sample_batch
@@ -391,14 +388,15 @@ def _all_finite(mo):
     return torch.isfinite(mo).all()
 
 
-def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, full, layout, explicit):
+def _graph_loop(model, s, shape, device, model_dtype, autocast, opts, compile, full, layout, explicit, guide=None):
     """The cached captured loop, or None after a capture failure under backend='auto' (warned once)."""
     from . import graphs
 
     forward = make_forward(model, model_dtype, autocast, compile, full)
     try:
         return graphs.loop_for(model, forward, s, shape, device, opts, (model_dtype, autocast, compile, layout),
-                               lambda mo, x: _check_output(mo, x, opts.get("variance", "fixed_small")), layout)
+                               lambda mo, x: _check_output(mo, x, opts.get("variance", "fixed_small")), layout,
+                               guide)
     except graphs.CaptureError as e:
         if explicit:
             raise RuntimeError(f"backend='graph': the model could not be captured in a CUDA graph ({e}); "

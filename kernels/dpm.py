@@ -22,7 +22,7 @@ import triton.language as tl
 from fastddpm.dpm_solver import DPM_ROW
 from fastddpm.schedule import ROW
 
-from .guidance import guided_output, launch_args
+from .guidance import dup_args, guided_output, launch_args, store_state
 from .common import (NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, Walk, as_i32, device_guard, flag_non_finite, offsets,
                      pick_layout, pixel_stride, program_coords, sample_layout, split_seed, step_noise, to_layout)
 
@@ -33,7 +33,7 @@ PRED = {"eps": 0, "x0": 1, "v": 2}
 def dpm_step_kernel(
     x_ptr, mo_ptr, prev_ptr, z_ptr, out_ptr, x0_ptr,           # tensors (B, ...) in one layout
     sxb, sxp, smb, smp, spb, spp, szb, szp, sob, sop, s0b, s0p,  # batch and pixel strides
-    mu_ptr, sub, sup, g_ptr, w_val,                            # guidance: out_u, its strides, (g_c, g_u) / w
+    mu_ptr, sub, sup, g_ptr, w_val, dup_ptr, sdb, sdp,  # guidance: out_u, (g_c, g_u) / w; 2nd state out
     tab_ptr, dpm_ptr, t_ptr, t_scalar, S,                      # schedule table (ROWS, S); dpm rows (4, S); t
     N, C, HW, clip, seed_lo, seed_hi, sample_offset,
     rng_ptr, flag_ptr,                                         # (seed_lo, seed_hi, offset) int64; first-bad flag
@@ -43,6 +43,7 @@ def dpm_step_kernel(
     PRED: tl.constexpr, CLIP: tl.constexpr, SECOND: tl.constexpr, NOISE: tl.constexpr,
     PER_SAMPLE_T: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
     RNG_PTR: tl.constexpr, CHECK: tl.constexpr, CP: tl.constexpr, QUAD: tl.constexpr, GUIDE: tl.constexpr,
+    DUP: tl.constexpr,
 ):
     b, pid, t, i, c, mask = program_coords(t_ptr, t_scalar, N, C, HW, PER_SAMPLE_T, BLOCK, LAYOUT_CL, CP)
 
@@ -75,7 +76,7 @@ def dpm_step_kernel(
                            NOISE, RNG_PTR, LAYOUT_CL, BLOCK, CP, QUAD)
             out = out + std * z
 
-    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
+    store_state(out_ptr, dup_ptr, sob, sop, sdb, sdp, b, i, c, out, mask, LAYOUT_CL, DUP)
     if CHECK:  # the new state, and the model output: clipping x0 can turn an inf output into a finite state
         flag_non_finite(flag_ptr, out, mask, t)
         flag_non_finite(flag_ptr, mo, mask, t)
@@ -84,7 +85,7 @@ def dpm_step_kernel(
 
 def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, order: int, solver_type: str,
                      prediction: str, clip, seed, sample_offset: int, out=None, x0_out=None, rng=None, flag=None,
-                     guidance=None, uncond_output=None, coef_out=None):
+                     guidance=None, uncond_output=None, coef_out=None, dup_out=None):
     """Launch the fused DPM-Solver++ step; returns (new x, x0). Inputs are validated by fastddpm.ops.
 
     out / x0_out: float32 buffers to write (may be x_t / prev_x0 themselves). For captured loops,
@@ -103,6 +104,7 @@ def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, or
     user_out, user_x0 = out, x0_out
     if out is None or sample_layout(out) != layout:  # the kernel writes in the layout it walks
         out = torch.empty_like(x_t, dtype=torch.float32)
+    dup, sdb, sdp, dup_on = dup_args(dup_out, out, layout)
     if x0_out is None or sample_layout(x0_out) != layout:
         x0_out = torch.empty_like(x_t, dtype=torch.float32)
     tab = s.table(dev)
@@ -120,7 +122,7 @@ def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, or
             x_t, mo, prev, z, out, x0_out,
             x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), prev.stride(0), pixel_stride(prev),
             z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0_out.stride(0), pixel_stride(x0_out),
-            mu, sub, sup, g, w_val,
+            mu, sub, sup, g, w_val, dup, sdb, sdp,
             tab, rows, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
             walk.N, C, walk.HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, as_i32(sample_offset),
             rng if rng is not None else tab, flag if flag is not None else tab,
@@ -128,10 +130,13 @@ def dpm_step_forward(s, x_t, t, model_output, prev_x0, noise, *, method: str, or
             DPM_ROW["x_coef"], DPM_ROW["x0_coef"], DPM_ROW["d_coef"], DPM_ROW["noise_std"],
             PRED=PRED[prediction], CLIP=clip is not None, SECOND=second, NOISE=noise_mode,
             PER_SAMPLE_T=per_sample, RNG_PTR=rng is not None, CHECK=flag is not None, GUIDE=guide,
+            DUP=dup_on,
             **walk.meta, num_warps=walk.num_warps,
         )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)
+    if dup_out is not None and not dup_on:
+        dup_out.copy_(out)
     if user_x0 is not None and user_x0 is not x0_out:
         x0_out = user_x0.copy_(x0_out)
     return out, x0_out

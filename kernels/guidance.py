@@ -14,6 +14,10 @@ g_c out_c + g_u out_u in place of the model output, in the same single launch:
 coef_kernel: one program per sample reads its guided channels of out_c and out_u once, sums
 c, u, c^2, u^2 and c u in float64 and turns them into (g_c, g_u)
 (fastddpm.guidance.coefficients_from_moments is the same computation in PyTorch).
+
+The state can also be stored twice (`store_state`, DUP): into x and into the second half of
+the doubled model input buffer of a guided captured loop, so no concatenation precedes the
+next doubled call.
 """
 from __future__ import annotations
 
@@ -46,6 +50,16 @@ def guided_output(mo_ptr, mu_ptr, smb, smp, sub, sup, b, i, c, mask, g_ptr, w_va
             gu = tl.load(g_ptr + 2 * b + 1)
         mo = gc * mo + gu * mu
     return mo
+
+
+@triton.jit
+def store_state(out_ptr, dup_ptr, sob, sop, sdb, sdp, b, i, c, out, mask, LAYOUT_CL: tl.constexpr,
+                DUP: tl.constexpr):
+    """Store the new state; with DUP also into the second half of the doubled model input, so a
+    guided loop's next model call reads cat([x, x]) without a concatenation."""
+    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
+    if DUP:
+        tl.store(dup_ptr + offsets(b, i, c, sdb, sdp, LAYOUT_CL), out, mask=mask)
 
 
 @triton.jit
@@ -103,6 +117,14 @@ def coef_kernel(mc_ptr, mu_ptr, smb, smp, sub, sup, g_ptr, w_ptr, w_val, rescale
         bu = bu * f
     tl.store(g_ptr + 2 * b, a.to(tl.float32))
     tl.store(g_ptr + 2 * b + 1, bu.to(tl.float32))
+
+
+def dup_args(dup_out, out, layout):
+    """(dup tensor, its batch and pixel strides, DUP) for a launch writing `out`: dup_out when it is in
+    the kernel's layout (else the launcher copies after the launch)."""
+    if dup_out is not None and to_layout(dup_out, layout) is dup_out:
+        return dup_out, dup_out.stride(0), pixel_stride(dup_out), True
+    return out, 0, 0, False
 
 
 def launch_args(cfg: CFG | None, mo_c: torch.Tensor, mo_u: torch.Tensor | None, x: torch.Tensor, layout: str,

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from fastddpm.karras import ROW
 
-from .guidance import guided_output, launch_args
+from .guidance import dup_args, guided_output, launch_args, store_state
 from .common import (NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, Walk, as_i32, device_guard, flag_non_finite, offsets,
                      pick_layout, pixel_stride, program_coords, sample_layout, split_seed, step_noise, to_layout)
 
@@ -34,7 +34,7 @@ def _c(tab_ptr, row: tl.constexpr, K, k):
 def sigma_step_kernel(
     x_ptr, mo_ptr, h0_ptr, h1_ptr, h2_ptr, z_ptr, out_ptr,      # tensors (B, ...) in one layout
     sxb, sxp, smb, smp, s0b, s0p, s1b, s1p, s2b, s2p, szb, szp, sob, sop,  # batch and pixel strides
-    mu_ptr, sub, sup, g_ptr, w_val,                            # guidance: out_u, its strides, (g_c, g_u) / w
+    mu_ptr, sub, sup, g_ptr, w_val, dup_ptr, sdb, sdp,  # guidance: out_u, (g_c, g_u) / w; 2nd state out
     tab_ptr, tag_ptr, k_ptr, k_scalar, K,                      # stage table (ROWS, K); tags (K,); k
     N, C, HW, clip, seed_lo, seed_hi, sample_offset,
     rng_ptr, flag_ptr,                                         # (seed_lo, seed_hi, offset) int64; first-bad flag
@@ -43,6 +43,7 @@ def sigma_step_kernel(
     NHIST: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, PER_SAMPLE_K: tl.constexpr,
     LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr, RNG_PTR: tl.constexpr, CHECK: tl.constexpr,
     CP: tl.constexpr, QUAD: tl.constexpr, GUIDE: tl.constexpr,
+    DUP: tl.constexpr,
 ):
     b, pid, k, i, c, mask = program_coords(k_ptr, k_scalar, N, C, HW, PER_SAMPLE_K, BLOCK, LAYOUT_CL, CP)
 
@@ -94,7 +95,7 @@ def sigma_step_kernel(
                            NOISE, RNG_PTR, LAYOUT_CL, BLOCK, CP, QUAD)
             out = out + s * z
 
-    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
+    store_state(out_ptr, dup_ptr, sob, sop, sdb, sdp, b, i, c, out, mask, LAYOUT_CL, DUP)
     if CHECK:  # the flag counts stages left, so its maximum is the first bad stage
         flag_non_finite(flag_ptr, out, mask, K - 1 - k)
         flag_non_finite(flag_ptr, mo, mask, K - 1 - k)  # clipping D can hide a non-finite model output
@@ -108,7 +109,7 @@ def sigma_step_kernel(
 
 
 def sigma_step_forward(plan, x, k, model_output, history, noise, *, seed, sample_offset: int, out=None,
-                       rng=None, flag=None, guidance=None, uncond_output=None, coef_out=None):
+                       rng=None, flag=None, guidance=None, uncond_output=None, coef_out=None, dup_out=None):
     """Launch the fused stage update; returns (new x, history). Inputs are validated by fastddpm.ops.
 
     history: plan.num_history float32 tensors like x, updated IN PLACE when they are in the layout
@@ -128,6 +129,7 @@ def sigma_step_forward(plan, x, k, model_output, history, noise, *, seed, sample
     user_out = out
     if out is None or sample_layout(out) != layout:  # the kernel writes in the layout it walks
         out = torch.empty_like(x, dtype=torch.float32)
+    dup, sdb, sdp, dup_on = dup_args(dup_out, out, layout)
     tab = plan.table(dev)
     stoch = bool((plan.row("s") != 0).any())
     if not stoch:
@@ -144,16 +146,19 @@ def sigma_step_forward(plan, x, k, model_output, history, noise, *, seed, sample
             x.stride(0), pixel_stride(x), mo.stride(0), pixel_stride(mo), pad[0].stride(0), pixel_stride(pad[0]),
             pad[1].stride(0), pixel_stride(pad[1]), pad[2].stride(0), pixel_stride(pad[2]),
             z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out),
-            mu, sub, sup, g, w_val,
+            mu, sub, sup, g, w_val, dup, sdb, sdp,
             tab, plan.tags_on(dev), k if per_sample else tab, 0 if per_sample else int(k), plan.nfe,
             walk.N, C, walk.HW, float(plan.clip) if plan.clip is not None else 0.0, seed_lo, seed_hi,
             as_i32(sample_offset), rng if rng is not None else tab, flag if flag is not None else tab,
             ROW["cs"], ROW["co"], ROW["a"], ROW["b"], ROW["c0"], ROW["c1"], ROW["c2"], ROW["s"], ROW["p"], ROW["q"],
             NHIST=plan.num_history, CLIP=plan.clip is not None, NOISE=noise_mode, PER_SAMPLE_K=per_sample,
-            RNG_PTR=rng is not None, CHECK=flag is not None, GUIDE=guide, **walk.meta, num_warps=walk.num_warps,
+            RNG_PTR=rng is not None, CHECK=flag is not None, GUIDE=guide, DUP=dup_on,
+            **walk.meta, num_warps=walk.num_warps,
         )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)
+    if dup_out is not None and not dup_on:
+        dup_out.copy_(out)
     for h, mine in zip(history, hist):
         if h is not mine:
             h.copy_(mine)

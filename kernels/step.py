@@ -22,7 +22,7 @@ import triton.language as tl
 
 from fastddpm.schedule import ROW
 
-from .guidance import guided_output, launch_args
+from .guidance import dup_args, guided_output, launch_args, store_state
 from .common import (NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, Walk, as_i32, device_guard, flag_non_finite, offsets,
                      pick_layout, pixel_stride, program_coords, sample_layout, split_seed, step_noise, to_layout)
 
@@ -39,7 +39,7 @@ def _row(tab_ptr, row: tl.constexpr, S, t):
 def step_kernel(
     x_ptr, mo_ptr, v_ptr, z_ptr, out_ptr, x0_ptr,          # tensors (B, ...) in one layout
     sxb, sxp, smb, smp, svb, svp, szb, szp, sob, sop, s0b, s0p,  # batch and pixel strides
-    mu_ptr, sub, sup, g_ptr, w_val,                         # guidance: out_u, its strides, (g_c, g_u) / w
+    mu_ptr, sub, sup, g_ptr, w_val, dup_ptr, sdb, sdp,  # guidance: out_u, (g_c, g_u) / w; 2nd state out
     tab_ptr, sig_ptr, dir_ptr, t_ptr, t_scalar, S,          # schedule table (ROWS, S); DDIM rows; t
     N, C, HW, clip, seed_lo, seed_hi, sample_offset,
     rng_ptr, flag_ptr,                                      # (seed_lo, seed_hi, offset) int64; first-bad flag
@@ -51,6 +51,7 @@ def step_kernel(
     PER_SAMPLE_T: tl.constexpr, WRITE_X0: tl.constexpr, LAYOUT_CL: tl.constexpr, BLOCK: tl.constexpr,
     RNG_PTR: tl.constexpr, CHECK: tl.constexpr, USE_CLIPPED: tl.constexpr, CP: tl.constexpr,
     QUAD: tl.constexpr, GUIDE: tl.constexpr,
+    DUP: tl.constexpr,
 ):
     b, pid, t, i, c, mask = program_coords(t_ptr, t_scalar, N, C, HW, PER_SAMPLE_T, BLOCK, LAYOUT_CL, CP)
 
@@ -100,7 +101,7 @@ def step_kernel(
                            NOISE, RNG_PTR, LAYOUT_CL, BLOCK, CP, QUAD)
             out = out + std * z
 
-    tl.store(out_ptr + offsets(b, i, c, sob, sop, LAYOUT_CL), out, mask=mask)
+    store_state(out_ptr, dup_ptr, sob, sop, sdb, sdp, b, i, c, out, mask, LAYOUT_CL, DUP)
     if CHECK:  # the new state, and the model output: clipping x0 can turn an inf output into a finite state
         flag_non_finite(flag_ptr, out, mask, t)
         flag_non_finite(flag_ptr, mo, mask, t)
@@ -111,7 +112,7 @@ def step_kernel(
 def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, prediction: str, variance: str,
                  clip, seed, sample_offset: int, return_x0: bool, out=None, rng=None, flag=None,
                  use_clipped_model_output: bool = False, x0_out=None, guidance=None, uncond_output=None,
-                 coef_out=None):
+                 coef_out=None, dup_out=None):
     """Launch the fused step. Inputs are validated by fastddpm.ops; t is an int or a contiguous
     LongTensor (B,) on x_t's device (fastddpm._checks.check_t).
 
@@ -136,6 +137,7 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
     user_out = out
     if out is None or sample_layout(out) != layout:  # the kernel writes in the layout it walks
         out = torch.empty_like(x_t, dtype=torch.float32)
+    dup, sdb, sdp, dup_on = dup_args(dup_out, out, layout)
     if not return_x0:
         x0 = out
     elif x0_out is not None and sample_layout(x0_out) == layout:
@@ -159,7 +161,7 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
             x_t, mo, v, z, out, x0,
             x_t.stride(0), pixel_stride(x_t), mo.stride(0), pixel_stride(mo), v.stride(0), pixel_stride(v),
             z.stride(0), pixel_stride(z), out.stride(0), pixel_stride(out), x0.stride(0), pixel_stride(x0),
-            mu, sub, sup, g, w_val,
+            mu, sub, sup, g, w_val, dup, sdb, sdp,
             tab, sig, dir_, t if per_sample else tab, 0 if per_sample else int(t), s.num_steps,
             walk.N, C, walk.HW, float(clip) if clip is not None else 0.0, seed_lo, seed_hi, as_i32(sample_offset),
             rng if rng is not None else tab, flag if flag is not None else tab,
@@ -168,11 +170,13 @@ def step_forward(s, x_t, t, model_output, noise, *, ddim: bool, eta: float, pred
             ROW["log_beta"], ROW["sqrt_abar_prev"],
             DDIM=ddim, PRED=PRED[prediction], VAR=VAR[variance], CLIP=clip is not None, NOISE=noise_mode,
             PER_SAMPLE_T=per_sample, WRITE_X0=return_x0, RNG_PTR=rng is not None, CHECK=flag is not None,
-            USE_CLIPPED=ddim and use_clipped_model_output, GUIDE=guide,
+            USE_CLIPPED=ddim and use_clipped_model_output, GUIDE=guide, DUP=dup_on,
             **walk.meta, num_warps=walk.num_warps,
         )
     if user_out is not None and user_out is not out:
         out = user_out.copy_(out)
+    if dup_out is not None and not dup_on:
+        dup_out.copy_(out)
     if return_x0 and x0_out is not None and x0_out is not x0:
         x0 = x0_out.copy_(x0)
     return (out, x0) if return_x0 else out
