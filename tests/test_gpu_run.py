@@ -55,8 +55,8 @@ def test_rehearsal_files_are_valid_complete_and_marked(rehearsal):
 
 
 def test_rehearsal_sampling_has_guided_rows_after_the_unguided_ones(rehearsal):
-    """Part 4 ends with classifier-free guided DPM-Solver++ rows (w = 4) per batch and backend,
-    each with its cost over the unguided row; a backend refusing conditioning is named, not timed."""
+    """Part 4 ends with classifier-free guided DPM-Solver++ rows (w = 4) per batch and backend
+    (graph, fused, diffusers' guidance loop), each with its cost over the unguided row."""
     d = load(rehearsal, 4)
     method = f"{gpu_run.GUIDED_METHOD} w={gpu_run.GUIDANCE_SCALE:g}"
     rows = [r for r in d["rows"] if r["method"] == method]
@@ -66,10 +66,8 @@ def test_rehearsal_sampling_has_guided_rows_after_the_unguided_ones(rehearsal):
     assert info["stopped"] is None and info["rows"] == len(rows) and info["guidance_scale"] == 4.0
     cfg = gpu_run.Config(rehearsal=True)
     others = {r["backend"] for r in d["rows"][:first]} - {"reference"}
-    timed = {(r["backend"], r["batch"]) for r in rows}
-    skipped = {tuple(k.split(" batch ")) for k in info.get("skipped", {})}
-    assert timed | {(b, int(n)) for b, n in skipped} == {(b, n) for b in others for n in cfg.batches}
-    assert ("fused", 1) in timed and all(r["vs_unguided"] > 0 and r["guidance_scale"] == 4.0 for r in rows)
+    assert {(r["backend"], r["batch"]) for r in rows} == {(b, n) for b in others for n in cfg.batches}
+    assert all(r["vs_unguided"] > 0 and r["guidance_scale"] == 4.0 for r in rows)
 
 
 def test_a_part_cut_off_by_its_budget_keeps_its_rows_and_says_so(tmp_path):
