@@ -216,12 +216,8 @@ def class_keyword(model) -> ClassConditioning:
 
     if isinstance(model, UNet):
         K = model.config.num_classes
-        if not K:
-            return ClassConditioning()
-        # fastddpm's UNet(num_classes=K): labels 0..K-1, the null class K (row K of its label embedding;
-        # a UNet whose embedding has only K rows has no null class: guidance then needs null_class=)
-        rows = model.label_emb.num_embeddings
-        return ClassConditioning("y", K, rows, K if rows > K else None)
+        # fastddpm's UNet(num_classes=K): labels 0..K-1, the null class K
+        return ClassConditioning("y", K, K + 1, K) if K else ClassConditioning()
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "num_class_embeds") and type(model).__name__ == "UNet2DModel":
         K = cfg.num_class_embeds  # which of them is the null class is the user's (null_class=)

@@ -1,5 +1,5 @@
 """Classifier-free guidance on fastddpm's own UNet(num_classes=K): labels under y, the null class
-(label K, row K of the label embedding), and a UNet without one."""
+(label K, row K of the label embedding)."""
 import pytest
 import torch
 
@@ -20,13 +20,4 @@ def test_unet_labels_go_under_y_and_its_null_class_is_label_k():
     assert not torch.equal(got, fastddpm.sample(m, 2, class_labels=y.flip(0), guidance_scale=2.0, **KW))
     with pytest.raises(ValueError, match=r"class_labels must be in \[0, 2\].*\[0, 3\]"):  # 3: the null class
         fastddpm.sample(m, 2, class_labels=torch.tensor([0, 3]), **KW)
-
-
-def test_unet_without_a_null_row_asks_for_null_class():
-    m = tiny_cond_unet(null_row=False)
-    with pytest.raises(ValueError, match="no null class of its own: pass null_class="):
-        fastddpm.sample(m, 2, class_labels=1, guidance_scale=3.0, **KW)
-    with pytest.raises(ValueError, match=r"null_class must be an int in \[0, 2\]"):
-        fastddpm.sample(m, 2, class_labels=1, guidance_scale=3.0, null_class=3, **KW)
-    assert fastddpm.sample(m, 2, class_labels=1, guidance_scale=3.0, null_class=0, **KW).shape == (2, 3, 8, 8)
 
