@@ -11,7 +11,10 @@ Parts, in order, each with its own time budget (seconds, BUDGETS; --budget-scale
   3 kernels   the fused step and q_sample against eager PyTorch and torch.compile: time, GB/s,
               fraction of the measured device-to-device copy bandwidth
   4 sampling  ms/step per (backend, method, batch), diffusers' loop when importable, and the
-              projected wall time of 50,000 CIFAR-10 samples (1000 DDPM / 20 DPM-Solver++ steps)
+              projected wall time of 50,000 CIFAR-10 samples (1000 DDPM / 20 DPM-Solver++ steps);
+              then, where the budget leaves time, classifier-free guided DPM-Solver++ (w = 4, method
+              "dpmsolver++ w=4") on the same preset with 10 classes, graph and fused (and diffusers'
+              guidance loop when importable), each row's cost over the unguided row (vs_unguided)
   5 tests     `pytest -m gpu` first, then the rest of the suite while time remains
 
 Each part runs in its own process (a hang or a crash costs that part only) and writes
@@ -465,6 +468,82 @@ def part_sampling(pf, cfg):
             graphs.clear_cache()
     pf.data["projection_note"] = ("projected_50k_s = ms_per_step x projected_steps x ceil(50,000 / batch) / 1000: "
                                   "50,000 samples in batches of this size")
+    guided_rows(pf, cfg, [c for c in contenders if c != "reference"])
+
+
+GUIDANCE_SCALE = 4.0
+GUIDED_METHOD = "dpmsolver++"
+NUM_CLASSES = 10
+
+
+def diffusers_guided_loop(model, batch, steps, null, dev):
+    """diffusers' class-conditional guidance loop (DiTPipeline's structure: cat, one model call on
+    2B rows, split, combine, scheduler.step on B rows) over a fastddpm UNet (labels under y)."""
+    import diffusers
+    import torch
+
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    labels = torch.arange(batch, device=dev) % NUM_CLASSES
+    y = torch.cat([labels, torch.full_like(labels, null)])
+
+    def loop():
+        sched.set_timesteps(steps)
+        x = torch.randn((batch, *shape_of(model)), device=dev, generator=gen)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                out = model(torch.cat([x, x]), t.to(dev).expand(2 * batch), y=y)
+                out_c, out_u = out.split(batch)
+                x = sched.step(out_u + GUIDANCE_SCALE * (out_c - out_u), t, x, generator=gen).prev_sample
+        return x
+
+    return loop
+
+
+def guided_rows(pf, cfg, contenders):
+    """Classifier-free guided sampling (w = GUIDANCE_SCALE) after the unguided rows, never in their
+    place: rows while the part's budget lasts (the part stays complete; pf.data["guided"] says
+    what ran). vs_unguided: the row's ms/step over the unguided row of the same method, batch and
+    backend (the same architecture without its label embedding)."""
+    import torch
+
+    import fastddpm
+    from fastddpm import graphs
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = fastddpm.UNet.from_preset(cfg.sampling_model, num_classes=NUM_CLASSES).to(dev).eval()
+    null = model.label_emb.num_embeddings - 1  # the null class, label K (K - 1 where the UNet has no null row yet)
+    method = f"{GUIDED_METHOD} w={GUIDANCE_SCALE:g}"
+    info = pf.data["guided"] = {"method": method, "guidance_scale": GUIDANCE_SCALE, "num_classes": NUM_CLASSES,
+                                "null_class": null, "rows": 0, "stopped": None}
+    unguided = {(r["batch"], r["backend"]): r["ms_per_step"] for r in pf.data["rows"] if r["method"] == GUIDED_METHOD}
+    steps = cfg.sampling_steps
+    for batch in cfg.batches:
+        labels = torch.arange(batch, device=dev) % NUM_CLASSES
+        for contender in contenders:
+            if pf.left() < 0:
+                info["stopped"] = f"budget of {pf.data['budget_s']} s spent before {contender} batch {batch}"
+                pf.write()
+                return
+            if contender == "diffusers":
+                fn = diffusers_guided_loop(model, batch, steps, null, dev)
+            else:
+                fn = lambda b=contender, n=batch, y=labels: fastddpm.sample(  # noqa: E731
+                    model, n, shape=shape_of(model), steps=steps, method=GUIDED_METHOD, backend=b, seed=0,
+                    class_labels=y, guidance_scale=GUIDANCE_SCALE, null_class=null)
+            _, first = timed_first(fn)
+            sec = seconds(fn, cfg.reps)
+            ms = 1e3 * sec / steps
+            row = {"backend": contender, "method": method, "batch": batch, "steps": steps, "ms_per_step": ms,
+                   "images_per_s": batch / sec, "first_call_s": first,
+                   "projected_50k_s": ms * PROJECTIONS[GUIDED_METHOD] * math.ceil(FID_SAMPLES / batch) / 1e3,
+                   "projected_steps": PROJECTIONS[GUIDED_METHOD], "guidance_scale": GUIDANCE_SCALE}
+            if (batch, contender) in unguided:
+                row["vs_unguided"] = ms / unguided[batch, contender]
+            pf.add(row)
+            info["rows"] += 1
+        graphs.clear_cache()
 
 
 # ------------------------------------------------------------------------------ part 5

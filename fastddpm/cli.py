@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -100,6 +101,108 @@ def _load(checkpoint, device, weights="ema"):
     return load(checkpoint or shipped_model_path(), device, weights=weights)
 
 
+SHIPPED_MODELS = ("digits", "digits-cond")  # --model: fastddpm.load(name)
+
+
+def _load_sample_model(a, device):
+    """The model of `fastddpm sample`: --checkpoint (a run folder or file), or --model (a shipped
+    model by name, fastddpm.load(name)); neither: the shipped digits model. (model, what the
+    manifest calls it)."""
+    if a.checkpoint is not None and a.model is not None:
+        raise ValueError(f"--checkpoint {a.checkpoint!r} and --model {a.model!r} both choose the model: pass "
+                         "--checkpoint for a training run's folder or file, or --model for a shipped model "
+                         f"({', '.join(SHIPPED_MODELS)}), not both")
+    if a.checkpoint is not None:
+        return _load(a.checkpoint, device, a.weights), os.path.abspath(a.checkpoint)
+    if a.model in (None, "digits"):
+        return _load(None, device, a.weights), "shipped digits model"
+    from .checkpoint import load
+
+    try:
+        model = load(a.model, device, weights=a.weights)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--model {a.model}: this installation has no shipped model {a.model!r} "
+                                f"({e})") from None
+    return model, f"shipped {a.model} model"
+
+
+def _num_classes(model):
+    """K of a class-conditional model (labels 0..K-1), else None."""
+    return getattr(getattr(model, "config", None), "num_classes", None) or None
+
+
+def _class_arg(text):
+    """--class: 'all', one label C, or a comma-separated list of labels (1,4,7)."""
+    text = text.strip()
+    if text == "all":
+        return "all"
+    try:
+        labels = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        labels = None
+    if not labels or min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"must be a class label (an int >= 0), a comma-separated list of labels "
+                                         f"(e.g. 1,4,7) or 'all'; got {text!r}")
+    return labels
+
+
+def class_labels(spec, n, num_classes) -> torch.Tensor:
+    """The label of each of n images for --class `spec` ('all' = 0..K-1, or a tuple of labels):
+    the n images are cut into len(classes) consecutive blocks in order (block sizes differ by at
+    most one; image i gets classes[i * len(classes) // n]), so the grid has one row per class."""
+    classes = tuple(range(num_classes)) if spec == "all" else tuple(spec)
+    text = "all" if spec == "all" else ",".join(map(str, spec))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--class {text}: label(s) {bad} are not classes of this model: it has {num_classes} "
+                         f"classes, labels 0..{num_classes - 1} (or 'all')")
+    if n < len(classes):
+        raise ValueError(f"--class {text} asks for {len(classes)} classes, one row each, but -n is {n}: pass -n "
+                         f"{len(classes)} or more (one image per class at least)")
+    L = len(classes)
+    return torch.tensor([classes[i * L // n] for i in range(n)], dtype=torch.long)
+
+
+def _guidance_kwargs(a, model, source) -> dict:
+    """sample()'s conditioning arguments from --class / --guidance / --guidance-interval /
+    --guidance-rescale, checked before anything is sampled ({} without --class)."""
+    spec = a.class_labels
+    if spec is None:
+        given = [f for f, v in (("--guidance", a.guidance), ("--guidance-interval", a.guidance_interval),
+                                ("--guidance-rescale", a.guidance_rescale)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs --class: classifier-free guidance steers toward a class, so pass "
+                             "--class C (one label), --class 1,4,7 or --class all (0..K-1, one grid row each) with "
+                             "a class-conditional model (--model digits-cond)")
+        return {}
+    text = "all" if spec == "all" else ",".join(map(str, spec))
+    K = _num_classes(model)
+    if K is None:
+        raise ValueError(f"--class {text}: the model ({source}) is not class-conditional (it was trained without "
+                         "labels); use a class-conditional one: --model digits-cond, or --checkpoint of a run "
+                         "trained with class labels")
+    w = 1.0 if a.guidance is None else a.guidance
+    if not math.isfinite(w):
+        raise ValueError(f"--guidance must be a finite number w (out = out_u + w (out_c - out_u); 1: no guidance, "
+                         f"0: unconditional); got {a.guidance}")
+    if (a.guidance_interval is not None or a.guidance_rescale is not None) and a.guidance is None:
+        flag = "--guidance-interval" if a.guidance_interval is not None else "--guidance-rescale"
+        raise ValueError(f"{flag} shapes the guidance of --guidance W: pass --guidance too (e.g. --guidance 3)")
+    kw = {"class_labels": class_labels(spec, a.n, K), "guidance_scale": w}
+    if a.guidance_interval is not None:
+        lo, hi = a.guidance_interval
+        if not (0 <= lo < hi) or math.isnan(hi):
+            raise ValueError(f"--guidance-interval {lo:g} {hi:g}: must be LO HI with 0 <= LO < HI (noise levels "
+                             "sigma = sqrt((1 - abar) / abar), guidance where LO < sigma <= HI; HI may be inf)")
+        kw["guidance_interval"] = (lo, hi)
+    if a.guidance_rescale is not None:
+        if not 0 <= a.guidance_rescale <= 1:
+            raise ValueError(f"--guidance-rescale must be in [0, 1] (phi of Lin et al. 2024, diffusers' "
+                             f"guidance_rescale; 0: none); got {a.guidance_rescale:g}")
+        kw["guidance_rescale"] = a.guidance_rescale
+    return kw
+
+
 def _method_kwargs(a) -> dict:
     """The sampling method and its options from the command line (fastddpm.methods refuses an
     option the method does not take)."""
@@ -125,19 +228,23 @@ def cmd_sample(a):
     rank, world, device = init_process_group()
     if a.device is not None:
         device = _device(a.device)
-    model = _load(a.checkpoint, device, a.weights)
-    manifest = {"checkpoint": os.path.abspath(a.checkpoint) if a.checkpoint else "shipped digits model",
-                "weights": a.weights, "seed": a.seed, **_method_kwargs(a)}
+    model, source = _load_sample_model(a, device)
+    cond = _guidance_kwargs(a, model, source)
+    manifest = {"checkpoint": source, "weights": a.weights, "seed": a.seed, **_method_kwargs(a)}
+    if cond:  # only then: the manifests of unconditional runs stay as they were
+        manifest["class"] = a.class_labels if a.class_labels == "all" else list(a.class_labels)
     t0 = time.perf_counter()
     try:
         out = sample_to_folder(model, a.n, a.out, shard_size=a.shard_size, rank=rank, world=world, manifest=manifest,
                                progress=not a.no_progress, **_method_kwargs(a), seed=a.seed,
                                batch_size=a.batch_size, backend=a.backend, compile=a.compile,
-                               prediction=getattr(model, "fastddpm_prediction", "eps"))
+                               prediction=getattr(model, "fastddpm_prediction", "eps"), **cond)
     finally:
         _leave_process_group()
     if rank == 0:
-        print(f"wrote {a.n} samples to {out} (uint8 NHWC, key arr_0) and {os.path.join(a.out, 'grid.png')} "
+        keys = "keys arr_0 and labels (the class of each image)" if cond else "key arr_0"
+        grid_note = " (one row per class)" if cond and len(set(cond["class_labels"].tolist())) > 1 else ""
+        print(f"wrote {a.n} samples to {out} (uint8 NHWC, {keys}) and {os.path.join(a.out, 'grid.png')}{grid_note} "
               f"in {time.perf_counter() - t0:.1f} s with {world} process(es)")
 
 
@@ -337,6 +444,23 @@ def build_parser():
     s = sub.add_parser("sample", formatter_class=_HelpWithDefaults,
                        help="sample a checkpoint (default: the shipped digits model) to DIR")
     s.add_argument("--checkpoint", default=None, help="run folder or .safetensors file (default: shipped model)")
+    s.add_argument("--model", choices=SHIPPED_MODELS, default=None,
+                   help="a shipped model instead of --checkpoint: digits (the default) or digits-cond (class-"
+                        "conditional, for --class and --guidance)")
+    s.add_argument("--class", dest="class_labels", type=_class_arg, default=None, metavar="C|C1,C2,...|all",
+                   help="class-conditional models: the class of the images: one label (every image), a "
+                        "comma-separated list or 'all' (0..K-1): the images are cut into one block per listed class, "
+                        "in order, and grid.png has one row per class; samples.npz records each image's label under "
+                        "'labels'")
+    s.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance scale w with --class: out_u + w (out_c - out_u), one doubled-batch "
+                        "model call per step (default 1: the conditional model alone, no guidance)")
+    s.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at steps whose noise level sqrt((1 - abar) / abar) is in (LO, HI] "
+                        "(Kynkaanniemi et al. 2024); elsewhere one conditional call. HI may be inf")
+    s.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
+                   help="rescale the guided output toward the conditional output's std (Lin et al. 2024, diffusers' "
+                        "guidance_rescale), PHI in [0, 1]")
     s.add_argument("--out", required=True, help="output folder: samples.npz and grid.png")
     s.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="a training run's EMA weights, or its raw weights (from RUN/checkpoint.safetensors)")

@@ -13,6 +13,14 @@ with the first shard: a run that wrote none claims nothing) refuses a restart wi
 arguments. Progress: one bar, per sampling step, on rank 0. Rank 0 then writes OUT/samples.npz (exactly N samples
 in index order), OUT/grid.png and OUT/shards/index.json (which samples each shard holds).
 
+Conditioning: `class_labels` (an int, or one label per sample: a sequence or LongTensor of N)
+and per-sample tensors of `cond` / `uncond` (first dimension N) are cut with the shards: shard k
+is sampled with rows [k S, (k+1) S), so each image equals the one-process run's image of the same
+index. The labels go into every shard (key "labels") and into OUT/samples.npz (key "labels",
+int64, one per image, in index order), and the grid has one row per class; the manifest records
+the labels' SHA-256 and the guidance options given, so a restart with other labels or guidance
+is refused.
+
 One run at a time per folder: rank 0 holds an exclusive lock on OUT/shards/lock (flock, with its
 pid, host and start time written inside) from before the manifest check to the end of the run;
 the other ranks wait for it on the barrier. A second run into the same folder fails at once,
@@ -22,6 +30,7 @@ process ends, however it ends, so a killed run's folder is resumed by the same c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .images import grid, save_png, to_uint8_nhwc
+from .images import class_grid, grid, save_png, to_uint8_nhwc
 
 __all__ = ["world_info", "init_process_group", "barrier", "sample_to_folder", "check_out_folder"]
 
@@ -74,12 +83,59 @@ def _atomic_npz(path, **arrays):
             os.remove(tmp)
 
 
-def _valid_shard(path, start, stop):
+def _valid_shard(path, start, stop, labels=None):
     try:
         with np.load(path) as f:
-            return f["indices"].tolist() == list(range(start, stop)) and f["arr_0"].shape[0] == stop - start
+            ok = f["indices"].tolist() == list(range(start, stop)) and f["arr_0"].shape[0] == stop - start
+            if labels is not None:
+                ok = ok and "labels" in f and f["labels"].tolist() == labels[start:stop].tolist()
+            return ok
     except Exception:  # unreadable: sample it again
         return False
+
+
+GUIDANCE_OPTIONS = ("guidance_scale", "guidance_interval", "guidance_rescale", "guidance_parallel", "null_class")
+
+
+def _call_labels(class_labels, n):
+    """The labels of a sharded call: None, or a LongTensor (n,) on the CPU (an int is every sample's)."""
+    if class_labels is None:
+        return None
+    from .guidance import _labels
+
+    return _labels(class_labels, n, "class_labels", None).cpu()
+
+
+def _shard_kwargs(sample_kwargs, labels, n, start, stop):
+    """sample()'s keyword arguments for samples [start, stop): the labels' rows and the rows of every
+    per-sample tensor (first dimension n) of cond / uncond."""
+    kw = dict(sample_kwargs)
+    if labels is not None:
+        kw["class_labels"] = labels[start:stop]
+    for name in ("cond", "uncond"):
+        d = kw.get(name)
+        if isinstance(d, dict):
+            kw[name] = {k: v[start:stop] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v
+                        for k, v in d.items()}
+    return kw
+
+
+def _conditioning_manifest(sample_kwargs, labels):
+    """What the manifest records of the conditioning: the guidance options given, the labels' digest."""
+    out = {}
+    for k in GUIDANCE_OPTIONS:
+        v = sample_kwargs.get(k)
+        if v is not None:
+            out[k] = list(v) if isinstance(v, tuple) else v
+    if labels is not None:
+        out["labels_sha256"] = hashlib.sha256(labels.numpy().astype("<i8").tobytes()).hexdigest()
+    for name in ("cond", "uncond"):
+        d = sample_kwargs.get(name)
+        if d:
+            out[f"{name}_sha256"] = hashlib.sha256(repr(sorted(
+                (k, v.cpu().numpy().tobytes() if isinstance(v, torch.Tensor) else repr(v)) for k, v in d.items()
+            )).encode()).hexdigest()
+    return out
 
 
 def _has_shards(shards_dir):
@@ -192,17 +248,20 @@ def sample_to_folder(model, n: int, out_dir: str, *, shard_size: int, rank: int 
         raise ValueError(f"shard_size must be a positive int; got {shard_size!r}")
     if sample_kwargs.get("generator") is not None:
         raise ValueError("sharded sampling needs seed= noise (generator= draws depend on the batch order)")
+    labels = _call_labels(sample_kwargs.get("class_labels"), n)  # checked before the folder is touched
+    manifest = {**(manifest or {}), "n": n, "shard_size": shard_size, **_conditioning_manifest(sample_kwargs, labels)}
     check_out_folder(out_dir)
     shards_dir = os.path.join(out_dir, "shards")
     if rank == 0:
         os.makedirs(shards_dir, exist_ok=True)
     with _folder_lock(out_dir, shards_dir) if rank == 0 else contextlib.nullcontext():
         barrier()  # rank 0 holds the folder: the other ranks wait here
-        return _sample_shards(model, n, out_dir, shards_dir, shard_size, rank, world,
-                              {**(manifest or {}), "n": n, "shard_size": shard_size}, progress, sample_kwargs)
+        return _sample_shards(model, n, out_dir, shards_dir, shard_size, rank, world, manifest, progress,
+                              sample_kwargs, labels)
 
 
-def _sample_shards(model, n, out_dir, shards_dir, shard_size, rank, world, manifest, progress, sample_kwargs):
+def _sample_shards(model, n, out_dir, shards_dir, shard_size, rank, world, manifest, progress, sample_kwargs,
+                   labels):
     from .sampler import sample
 
     _check_manifest(shards_dir, manifest)
@@ -216,34 +275,47 @@ def _sample_shards(model, n, out_dir, shards_dir, shard_size, rank, world, manif
     try:
         for k, start, stop in mine:
             path = os.path.join(shards_dir, f"shard-{k:06d}.npz")
-            if os.path.exists(path) and _valid_shard(path, start, stop):
+            if os.path.exists(path) and _valid_shard(path, start, stop, labels):
                 if bar is not None:
                     bar.update(bar.steps_of(stop - start))
                 continue
             x = sample(model, stop - start, sample_offset=start, progress=bar if bar is not None else False,
-                       **sample_kwargs)
+                       **_shard_kwargs(sample_kwargs, labels, n, start, stop))
             if not claimed:
                 _claim(shards_dir, manifest)
                 claimed = True
-            _atomic_npz(path, arr_0=to_uint8_nhwc(x), indices=np.arange(start, stop))
+            extra = {} if labels is None else {"labels": labels[start:stop].numpy().astype(np.int64)}
+            _atomic_npz(path, arr_0=to_uint8_nhwc(x), indices=np.arange(start, stop), **extra)
     finally:
         if bar is not None:
             bar.close()
     barrier()
     if rank != 0:
         return None
-    parts, index = [], []
+    parts, shard_labels, index = [], [], []
     for k, start, stop in ranges:
         path = os.path.join(shards_dir, f"shard-{k:06d}.npz")
         with np.load(path) as f:
             if f["indices"].tolist() != list(range(start, stop)):
                 raise ValueError(f"shard {path} does not hold samples {start}..{stop - 1}")
             parts.append(f["arr_0"])
+            if labels is not None:
+                if "labels" not in f or f["labels"].tolist() != labels[start:stop].tolist():
+                    raise ValueError(f"shard {path} does not hold the labels requested for samples {start}.."
+                                     f"{stop - 1}")
+                shard_labels.append(f["labels"].astype(np.int64))
         index.append({"shard": os.path.basename(path), "start": start, "stop": stop})
     arr = np.concatenate(parts)
     out = os.path.join(out_dir, "samples.npz")
-    _atomic_npz(out, arr_0=arr)
+    scale = max(1, 64 // arr.shape[1])
+    if labels is None:
+        _atomic_npz(out, arr_0=arr)
+        picture = grid(arr[:256], scale=scale)
+    else:
+        lab = np.concatenate(shard_labels)
+        _atomic_npz(out, arr_0=arr, labels=lab)
+        picture = class_grid(arr, lab, scale=scale) if len(set(lab.tolist())) > 1 else grid(arr[:256], scale=scale)
     with open(os.path.join(shards_dir, "index.json"), "w") as f:
         json.dump({"n": n, "shards": index}, f, indent=1)
-    save_png(grid(arr[:256], scale=max(1, 64 // arr.shape[1])), os.path.join(out_dir, "grid.png"))
+    save_png(picture, os.path.join(out_dir, "grid.png"))
     return out

@@ -30,6 +30,22 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, scale: int =
     return out
 
 
+def class_grid(images: np.ndarray, labels, max_cols: int = 16, pad: int = 1, scale: int = 1) -> np.ndarray:
+    """uint8 NHWC and one label per image -> one uint8 HWC image with one row per class (the labels in
+    order of first appearance), each row that class's first `max_cols` images in index order (a
+    class with fewer leaves its row's end blank)."""
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"class_grid needs one label per image: {images.shape[0]} images, {labels.shape[0]} labels")
+    classes = list(dict.fromkeys(labels.tolist()))
+    rows = [np.flatnonzero(labels == c)[:max_cols] for c in classes]
+    cols = max(len(r) for r in rows)
+    cells = np.zeros((len(rows) * cols, *images.shape[1:]), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        cells[i * cols:i * cols + len(r)] = images[r]
+    return grid(cells, nrow=cols, pad=pad, scale=scale)
+
+
 def save_png(hwc: np.ndarray, path: str):
     from PIL import Image
 

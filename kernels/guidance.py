@@ -70,7 +70,7 @@ def _sum_all(v, LAYOUT_CL: tl.constexpr):
         return tl.sum(v, axis=0)
 
 
-@triton.jit(do_not_specialize=["N", "HW", "NBLK"])
+@triton.jit(do_not_specialize=["NBLK"])
 def coef_kernel(mc_ptr, mu_ptr, smb, smp, sub, sup, g_ptr, w_ptr, w_val, rescale, parallel, N, C, HW, NBLK,
                 W_PTR: tl.constexpr, RESCALE: tl.constexpr, PARALLEL: tl.constexpr, LAYOUT_CL: tl.constexpr,
                 BLOCK: tl.constexpr, CP: tl.constexpr):
@@ -82,11 +82,11 @@ def coef_kernel(mc_ptr, mu_ptr, smb, smp, sub, sup, g_ptr, w_ptr, w_val, rescale
     s_cu = tl.zeros((), tl.float64)
     for blk in range(0, NBLK):
         if LAYOUT_CL:
-            i = (blk * (BLOCK // CP) + tl.arange(0, BLOCK // CP)).to(tl.int64)
+            i = blk * (BLOCK // CP) + tl.arange(0, BLOCK // CP)
             c = tl.arange(0, CP)
             mask = (c < C)[:, None] & (i < HW)[None, :]
         else:
-            i = (blk * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+            i = tl.max_contiguous(tl.multiple_of(blk * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
             c = tl.arange(0, 1)
             mask = i < N
         vc = tl.load(mc_ptr + offsets(b, i, c, smb, smp, LAYOUT_CL), mask=mask, other=0.0).to(tl.float64)

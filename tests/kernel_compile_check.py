@@ -232,8 +232,66 @@ def recipe_sigma(shape, cl, label):
         plan.step()
 
 
+def recipe_guidance(shape, cl, label):
+    """Classifier-free guidance: the step kernels reading both halves of the doubled model output
+    (w a launch argument, w from device memory, per-sample coefficients from the coefficient kernel
+    for rescale / parallel removal), each step op; then the graph loop's guided and single-call
+    steps (w from device memory, the state also written into the doubled input's second half)."""
+    from fastddpm import guidance, karras, methods, sigmas
+
+    B = shape[0]
+    for name, cfg in (("w", 3.0), ("w=device", torch.tensor([3.0])), ("rescale", guidance.CFG(3.0, 0.7)),
+                      ("parallel", guidance.CFG(3.0, 0.0, 0.0)),
+                      ("rescale w=device", guidance.CFG(torch.tensor([3.0]), 0.7, 0.5))):
+        label[0] = f"guided ddpm {name}"
+        ops.ddpm_step(S, _like(shape, cl), 5, _like((2 * B, *shape[1:]), cl), seed=3, guidance=cfg)
+    label[0] = "guided ddpm learned_range rescale"
+    ops.ddpm_step(S, _like(shape, cl), 5, _like((2 * B, *shape[1:]), cl, channels=2 * shape[1]), seed=3,
+                  variance="learned_range", guidance=guidance.CFG(3.0, 0.7))
+    label[0] = "guided ddim bfloat16"
+    ops.ddim_step(S, _like(shape, cl), 5, _like((2 * B, *shape[1:]), cl, torch.bfloat16), guidance=3.0)
+    label[0] = "guided dpm++ pair"
+    ops.dpm_solver_step(S, _like(shape, cl), 5, (_like(shape, cl), _like(shape, cl)), _like(shape, cl),
+                        guidance=3.0)
+    plan = karras.build_plan("dpmpp_2m", sigmas.get_sigmas("karras", 6, S), S, "eps", methods.resolve("dpmpp_2m"))
+    label[0] = "guided sigma dpmpp_2m rescale"
+    ops.sigma_step(plan, _like(shape, cl), 1, _like((2 * B, *shape[1:]), cl), (_like(shape, cl),),
+                   guidance=guidance.CFG(3.0, 0.7))
+
+    class Labelled(torch.nn.Module):
+        num_classes, null_class = 4, 4
+
+        def forward(self, x, t, y):
+            return x
+
+    layout = torch.channels_last if cl else torch.contiguous_format
+    for method, rescale in (("ddim", 0.0), ("ddpm", 0.7), ("dpmpp_2m", 0.0)):
+        label[0] = f"graph guided {method} rescale={rescale}"
+        cond = guidance.resolve(Labelled(), B, class_labels=1, guidance_scale=3.0, guidance_rescale=rescale)
+        mo2 = _like((2 * B, *shape[1:]), cl)
+        mo1 = mo2[:B]
+
+        def forward(x, t, *c, **kw):
+            return mo2 if x.shape[0] == 2 * B else mo1
+
+        if method == "dpmpp_2m":
+            opts = dict(method=method, plan=plan)
+            modes = ("guided", "cond") * 3
+            lp = graphs.SigmaLoopPlan(forward, S, shape, torch.device("cpu"), opts, layout,
+                                      graphs.StaticGuide(cond, modes, B, torch.device("cpu")))
+        else:
+            opts = dict(method=method, eta=0.0, prediction="eps", variance="fixed_small", clip=1.0,
+                        use_clipped_model_output=False, self_condition=False)
+            modes = ("guided", "cond") * 500
+            lp = graphs.LoopPlan(forward, S, shape, torch.device("cpu"), opts, layout,
+                                 graphs.StaticGuide(cond, modes, B, torch.device("cpu")))
+        lp.begin()
+        lp.step("guided")
+        lp.step("cond")
+
+
 RECIPES = [recipe_ops_steps, recipe_q_sample, recipe_noise, recipe_graph_loop, recipe_dpm, recipe_half_inputs,
-           recipe_sigma]
+           recipe_sigma, recipe_guidance]
 
 
 def record_launches():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastddpm
+from cond_models import tiny_cond_unet
 from fastddpm import checkpoint as ck
 from fastddpm.train import TrainConfig, train
 
@@ -188,3 +189,66 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path,
     for k in a:
         if k.startswith(("model.", "ema.")):
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+# ------------------------------------------------------------------ class labels and guidance (issue 22)
+def test_sharded_guided_sampling_cuts_labels_and_conditions_with_the_shards(tmp_path):
+    """Two ranks (run one after the other in this process: without a process group the barriers
+    pass) sample their shards of a guided call with per-sample labels and a per-sample uncond
+    tensor: samples.npz equals one sample() call over all n, and records the labels."""
+    from fastddpm.distributed import sample_to_folder
+    from fastddpm.images import to_uint8_nhwc
+
+    model, n = tiny_cond_unet(), 5
+    labels = torch.tensor([2, 0, 1, 1, 0])
+    kw = dict(steps=3, method="ddim", seed=4, backend="reference", class_labels=labels, guidance_scale=3.0,
+              uncond={"y": torch.full((n,), 3)}, guidance_rescale=0.3)
+    os.makedirs(tmp_path / "shards")  # as rank 0 makes it before the barrier
+    for rank in (1, 0):  # rank 0 last: it assembles
+        out = sample_to_folder(model, n, str(tmp_path), shard_size=2, rank=rank, world=2, manifest={"test": 1}, **kw)
+    with np.load(out) as f:
+        got, lab = f["arr_0"], f["labels"]
+    assert lab.dtype == np.int64 and lab.tolist() == labels.tolist()
+    want = to_uint8_nhwc(fastddpm.sample(model, n, **kw))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    with np.load(tmp_path / "shards/shard-000001.npz") as f:  # rank 1's shard: samples 2, 3
+        assert f["labels"].tolist() == [1, 1]
+    manifest = json.load(open(tmp_path / "shards/manifest.json"))
+    assert manifest["guidance_scale"] == 3.0 and manifest["guidance_rescale"] == 0.3
+    assert {"labels_sha256", "uncond_sha256"} <= set(manifest)
+    with pytest.raises(ValueError, match="other arguments.*labels_sha256"):  # other labels: refused
+        sample_to_folder(model, n, str(tmp_path), shard_size=2, **{**kw, "class_labels": labels.flip(0)})
+
+
+@pytest.fixture(scope="module")
+def tiny_cond_checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ck") / "tiny-cond.safetensors")
+    torch.manual_seed(0)
+    unet = fastddpm.UNet.from_preset("tiny", ch=16, norm_groups=8, image_size=8, num_classes=3)
+    ck.save_model(unet, path, arch="unet", schedule=ck.schedule_meta("linear", 1000), prediction="eps")
+    return path
+
+
+def test_torchrun_class_sampling_equals_one_process(tiny_cond_checkpoint, tmp_path):
+    """`torchrun --nproc_per_node=2 -m fastddpm sample --class all [--guidance 3]`: each rank samples
+    its shards with their rows of the labels; the set equals one process's, labels in order.
+    (--guidance where the loaded UNet has its null class, label embedding row K.)"""
+    model = fastddpm.load(tiny_cond_checkpoint)
+    guided = model.label_emb.num_embeddings > 3
+    args = sample_args(tiny_cond_checkpoint, tmp_path / "two", **{"--class": "all"},
+                       **({"--guidance": "3"} if guided else {}))
+    run(args, nproc=2)
+    with np.load(tmp_path / "two/samples.npz") as f:
+        got, lab = f["arr_0"], f["labels"]
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])  # 10 images, 3 classes in order: i * 3 // 10
+    assert lab.tolist() == labels.tolist()
+    from fastddpm.images import to_uint8_nhwc
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1)
+    try:
+        want = to_uint8_nhwc(fastddpm.sample(model, 10, steps=6, method="ddim", seed=3, batch_size=3,
+                                             class_labels=labels, guidance_scale=3.0 if guided else 1.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

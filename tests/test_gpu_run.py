@@ -54,6 +54,22 @@ def test_rehearsal_files_are_valid_complete_and_marked(rehearsal):
     assert {(b, m, n) for b in gpu_run.BACKENDS for m in gpu_run.PROJECTIONS for n in cfg.batches} <= got
 
 
+def test_rehearsal_sampling_has_guided_rows_after_the_unguided_ones(rehearsal):
+    """Part 4 ends with classifier-free guided DPM-Solver++ rows (w = 4) per batch and backend
+    (graph, fused, diffusers' guidance loop), each with its cost over the unguided row."""
+    d = load(rehearsal, 4)
+    method = f"{gpu_run.GUIDED_METHOD} w={gpu_run.GUIDANCE_SCALE:g}"
+    rows = [r for r in d["rows"] if r["method"] == method]
+    first = next(i for i, r in enumerate(d["rows"]) if r["method"] == method)
+    assert all(r["method"] == method for r in d["rows"][first:])  # never in place of an unguided row
+    info = d["guided"]
+    assert info["stopped"] is None and info["rows"] == len(rows) and info["guidance_scale"] == 4.0
+    cfg = gpu_run.Config(rehearsal=True)
+    others = {r["backend"] for r in d["rows"][:first]} - {"reference"}
+    assert {(r["backend"], r["batch"]) for r in rows} == {(b, n) for b in others for n in cfg.batches}
+    assert all(r["vs_unguided"] > 0 and r["guidance_scale"] == 4.0 for r in rows)
+
+
 def test_a_part_cut_off_by_its_budget_keeps_its_rows_and_says_so(tmp_path):
     res = run("-m", "benchmarks.gpu_run", "--rehearsal", str(tmp_path), "--parts", "2", "--budget-scale", "0.0001",
               check=False)
