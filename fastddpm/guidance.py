@@ -354,7 +354,10 @@ class Conditioning:
             return "cond"
         if self.interval is not None and not (self.interval[0] < sigma <= self.interval[1]):
             return "cond"
-        return "uncond" if self.scale == 0 else "guided"
+        # w = 0 is the unconditional output alone only without rescale / parallel removal: both
+        # read the conditional output (w = 0 with parallel k: out_u + (1 - k) * the part of
+        # out_c - out_u parallel to out_c, as denoising-diffusion-pytorch computes it)
+        return "uncond" if self.scale == 0 and not self.cfg.needs_reduction else "guided"
 
     def modes(self, sigmas) -> list:
         return [self.mode(float(s)) for s in sigmas]
@@ -370,7 +373,10 @@ class Conditioning:
             return v
 
         cond = {k: take(v) for k, v in self.cond.items()}
-        uncond = {k: take(v) for k, v in self.uncond.items()}
+        # a number standing for a per-sample tensor (null_class for the labels) is that tensor in
+        # the unconditional call too, not only in the doubled batch: the model embeds a tensor
+        uncond = {k: take(v, cond[k] if _is_per_sample(self.cond.get(k), self.n) else None)
+                  for k, v in self.uncond.items()}
         doubled = None
         if self.doubled:
             doubled = {}
