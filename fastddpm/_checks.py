@@ -268,22 +268,25 @@ def check_device(device, name="device"):
     return dev
 
 
-def _accepts_positional(fn, n):
-    """Whether fn can be called with n positional arguments (None when its signature is unknown)."""
+def _accepts_positional(fn, n, keywords=()):
+    """Whether fn can be called with n positional arguments and the keywords (None when its
+    signature is unknown)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
     try:
-        sig.bind(*range(n))
+        sig.bind(*range(n), **dict.fromkeys(keywords))
     except TypeError:
         return False
     return True
 
 
-def check_self_condition(model, self_condition):
+def check_self_condition(model, self_condition, keywords=()):
     """self_condition=True calls model(x, t, x_self_cond) (denoising-diffusion-pytorch's Unet);
-    refuse a model that would ignore the third argument, and one that needs it but would not get it."""
+    refuse a model that would ignore the third argument, and one that needs it but would not get it.
+    keywords: those the conditioning passes (a third parameter they fill, such as the `classes` of
+    denoising-diffusion-pytorch's classifier-free guidance Unet, is not a self-conditioning input)."""
     check_bool(self_condition, "self_condition")
     fn = model.forward if isinstance(model, torch.nn.Module) else model
     flag = getattr(model, "self_condition", None)
@@ -302,6 +305,6 @@ def check_self_condition(model, self_condition):
         if _accepts_positional(fn, 3) is False:
             raise ValueError(f"self_condition=True calls model(x, t, x_self_cond), but this {name} takes "
                              f"{inspect.signature(fn)}; pass self_condition=False or give it a third argument")
-    elif _accepts_positional(fn, 2) is False and _accepts_positional(fn, 3):
+    elif _accepts_positional(fn, 2, keywords) is False and _accepts_positional(fn, 3):
         raise ValueError(f"this {name} takes {inspect.signature(fn)}, a third argument: if it is a "
                          "self-conditioning input (the previous step's x0), pass self_condition=True")

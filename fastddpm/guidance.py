@@ -64,8 +64,8 @@ def check_cfg(guidance, name="guidance") -> CFG | None:
     check_scale(g.scale, f"{name}.scale" if isinstance(guidance, CFG) else name)
     check_unit(g.rescale, "guidance_rescale", "0: no rescale; diffusers' guidance_rescale, Lin et al. 2024")
     check_unit(g.parallel, "guidance_parallel", "the fraction of the guidance direction's part parallel to the "
-               "conditional output that is kept: 1 keeps it all (diffusers), 0 removes it "
-               "(denoising-diffusion-pytorch's remove_parallel_component)")
+               "conditional output that is kept: 1 keeps it all (diffusers), 0 none of it "
+               "(denoising-diffusion-pytorch's forward_with_cond_scale default)")
     return g
 
 

@@ -21,6 +21,7 @@ denoising-diffusion-pytorch 2.3.4 classifier_free_guidance: `compat.sample_kwarg
 reproduces `diffusion.sample(classes)` (cond_scale 6, rescaled_phi 0.7, its parallel-component
 removal), compared after mapping its [0, 1] output back: x = 2 images - 1.
 """
+import importlib
 import math
 
 import pytest
@@ -28,6 +29,7 @@ import torch
 
 import fastddpm
 from fastddpm import compat
+from ddpm_pytorch_peer import import_package
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers' own rescale_noise_cfg (the pipelines' copies import transformers; this one, the guiders', does not)
@@ -233,3 +235,127 @@ def test_model_calls_per_step():
     calls = Calls(model)
     fastddpm.sample(model, N, guidance_scale=4.0, guidance_interval=(lo, hi), **kw)
     assert calls.close() == [2 * N if g else N for g in inside]
+
+
+# ------------------------------------------------------- denoising-diffusion-pytorch's classifier-free guidance
+def cfg_module():
+    import_package()
+    return importlib.import_module("denoising_diffusion_pytorch.classifier_free_guidance")
+
+
+DDP_T = 40                 # its DDPM: every training step is a sampling step; a short schedule keeps CPU time down
+DDIM_T, DDIM_S = 1000, 8   # its DDIM: 8 of 1000 (the package's truncation of linspace to int)
+
+
+def cfg_diffusion(objective="pred_noise", ddim=False, **kw):
+    """A tiny random CFG Unet in the package's GaussianDiffusion (weights from the test's fresh seed)."""
+    cfg = cfg_module()
+    unet = cfg.Unet(dim=8, dim_mults=(1, 2), num_classes=K, channels=3, attn_heads=2, attn_dim_head=8)
+    return cfg.GaussianDiffusion(unet, image_size=8, timesteps=DDIM_T if ddim else DDP_T,
+                                 sampling_timesteps=DDIM_S if ddim else None, objective=objective, **kw).eval()
+
+
+def package_cfg_run(diffusion, classes, seed, **options):
+    """What its sample() returns ([0, 1]) mapped back to model space: x = 2 images - 1. Its noise
+    comes from torch's global generator: the stream of a CPU torch.Generator with the same seed."""
+    torch.manual_seed(seed)
+    return diffusion.sample(classes, **options) * 2 - 1
+
+
+def our_cfg_run(diffusion, classes, seed, backend="reference", options=None, **extra):
+    kw = {**compat.sample_kwargs(diffusion, **(options or {})), **extra}
+    return fastddpm.sample(diffusion.model, classes.shape[0], class_labels=classes, **kw,
+                           generator=torch.Generator().manual_seed(seed), backend=backend)
+
+
+CFG_CASES = [  # (objective, ddim, extra GaussianDiffusion arguments, sample() options)
+    ("pred_noise", False, {}, {}),
+    ("pred_x0", False, {}, {}),
+    ("pred_v", False, {"beta_schedule": "linear"}, {}),
+    ("pred_noise", False, {}, {"cond_scale": 3.0, "rescaled_phi": 0.0}),
+    ("pred_noise", False, {}, {"cond_scale": 0.0, "rescaled_phi": 0.5}),
+    ("pred_noise", False, {"use_cfg_plus_plus": True}, {}),  # CFG++ changes nothing in its DDPM
+    ("pred_noise", True, {}, {}),
+    ("pred_x0", True, {}, {}),
+    ("pred_v", True, {"beta_schedule": "linear"}, {"rescaled_phi": 0.0}),
+    ("pred_noise", True, {"ddim_sampling_eta": 0.0}, {}),
+]
+
+
+def _case_id(case):
+    objective, ddim, dkw, options = case
+    return "-".join([objective, "ddim" if ddim else "ddpm", *(f"{k}={v}" for k, v in {**dkw, **options}.items())])
+
+
+@pytest.mark.parametrize("case", CFG_CASES, ids=_case_id)
+def test_matches_denoising_diffusion_pytorch_cfg_sample(case):
+    objective, ddim, dkw, options = case
+    d = cfg_diffusion(objective, ddim, **dkw)
+    classes = torch.randint(0, K, (N,))
+    seed = int(torch.randint(0, 2**31, ()))
+    want = package_cfg_run(d, classes, seed, **options)
+    assert torch.isfinite(want).all()
+    got = our_cfg_run(d, classes, seed, options=options)
+    err = rel(got, want)
+    print(f"denoising-diffusion-pytorch {_case_id(case)}: rel L2 {err:.2e}")
+    assert err <= TOL, err
+
+
+@pytest.mark.parametrize("ddim", [False, True])
+def test_fused_matches_denoising_diffusion_pytorch_cfg_sample(ddim):
+    d = cfg_diffusion("pred_noise", ddim)
+    classes = torch.randint(0, K, (N,))
+    want = package_cfg_run(d, classes, 5)
+    err = rel(our_cfg_run(d, classes, 5, backend="fused"), want)
+    print(f"denoising-diffusion-pytorch fused {'ddim' if ddim else 'ddpm'}: rel L2 {err:.2e}")
+    assert err <= TOL, err
+
+
+def test_cfg_kwargs_and_what_each_one_changes():
+    """The mapping, and that each guidance keyword it sets moves the images far beyond the
+    tolerance (a mapping that dropped one would fail the parity tests)."""
+    d = cfg_diffusion("pred_noise", ddim=True)
+    kw = compat.sample_kwargs(d)
+    assert (kw["method"], kw["eta"], kw["prediction"], kw["clip"], kw["use_clipped_model_output"]) == \
+        ("ddim", 1.0, "eps", 1.0, False)
+    assert (kw["guidance_scale"], kw["guidance_rescale"], kw["guidance_parallel"]) == (6.0, 0.7, 0.0)
+    assert kw["schedule"].timesteps.tolist() == compat.ddim_timesteps(DDIM_T, DDIM_S)
+    assert compat.sample_kwargs(cfg_diffusion("pred_v", ddim=True))["use_clipped_model_output"] is True
+    assert compat.sample_kwargs(d, cond_scale=2, rescaled_phi=0)["guidance_scale"] == 2.0
+    classes = torch.randint(0, K, (N,))
+    want = package_cfg_run(d, classes, 9)
+    assert rel(our_cfg_run(d, classes, 9), want) <= TOL
+    for change in ({"guidance_parallel": 1.0}, {"guidance_rescale": 0.0}, {"guidance_scale": 4.0},
+                   {"use_clipped_model_output": True}):
+        assert rel(our_cfg_run(d, classes, 9, **change), want) > 100 * TOL, change
+
+
+def test_cfg_what_cannot_be_honoured_is_refused():
+    cfg = cfg_module()
+    with pytest.raises(ValueError, match="cond_scale=1"):
+        compat.sample_kwargs(cfg_diffusion(), cond_scale=1)
+    with pytest.raises(ValueError, match="rescaled_phi"):
+        compat.sample_kwargs(cfg_diffusion(), rescaled_phi=1.5)
+    with pytest.raises(NotImplementedError, match="use_cfg_plus_plus"):
+        compat.sample_kwargs(cfg_diffusion(ddim=True, use_cfg_plus_plus=True))
+    with pytest.raises(TypeError, match="classifier_free_guidance"):
+        compat.sample_kwargs(SCHEDULERS["ddpm"](), cond_scale=3)
+    d = cfg_diffusion()
+    d.objective = "pred_epsilon"
+    with pytest.raises(NotImplementedError, match="objective"):
+        compat.sample_kwargs(d)
+
+    class Mine(cfg.GaussianDiffusion):
+        def p_sample(self, *args, **kwargs):
+            return super().p_sample(*args, **kwargs)
+
+    with pytest.raises(NotImplementedError, match="p_sample"):
+        compat.sample_kwargs(Mine(cfg_diffusion().model, image_size=8, timesteps=DDP_T))
+
+    class MyUnet(cfg.Unet):
+        def forward_with_cond_scale(self, *args, **kwargs):
+            return super().forward_with_cond_scale(*args, **kwargs, remove_parallel_component=False)
+
+    unet = MyUnet(dim=8, dim_mults=(1, 2), num_classes=K, channels=3, attn_heads=2, attn_dim_head=8)
+    with pytest.raises(NotImplementedError, match="forward_with_cond_scale"):
+        compat.sample_kwargs(cfg.GaussianDiffusion(unet, image_size=8, timesteps=DDP_T))
