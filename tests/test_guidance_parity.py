@@ -41,6 +41,7 @@ N = 3
 SHAPE = (3, 8, 8)
 STEPS = 6
 TOL = 1e-4
+CHANGED = 10 * TOL  # what an option must change, at least, for the parity tests to see it dropped
 SCHEDULERS = {
     "ddpm": lambda **kw: diffusers.DDPMScheduler(num_train_timesteps=1000, **kw),
     "ddim": lambda **kw: diffusers.DDIMScheduler(num_train_timesteps=1000, **kw),
@@ -168,11 +169,11 @@ def test_the_options_change_the_images():
                                      interval)
 
     plain, guided = loop(1), loop(4)
-    assert rel(guided, plain) > 100 * TOL
-    assert rel(loop(0), plain) > 100 * TOL
-    assert rel(loop(4, rescale=0.7), guided) > 100 * TOL
-    assert rel(loop(4, interval=interval), guided) > 100 * TOL
-    assert rel(loop(4, interval=interval), plain) > 100 * TOL
+    assert rel(guided, plain) > CHANGED
+    assert rel(loop(0), plain) > CHANGED
+    assert rel(loop(4, rescale=0.7), guided) > CHANGED
+    assert rel(loop(4, interval=interval), guided) > CHANGED
+    assert rel(loop(4, interval=interval), plain) > CHANGED
 
 
 # ------------------------------------------------------------------------ seed mode, call counts
@@ -203,7 +204,7 @@ def test_seed_mode_sample_depends_only_on_its_index_and_label(backend):
     kw = dict(steps=steps, method="ddpm", class_labels=labels, null_class=K, guidance_scale=4.0,
               guidance_rescale=0.5, guidance_parallel=0.3, seed=11, backend=backend)
     whole = fastddpm.sample(model, n, **kw)
-    assert rel(whole, fastddpm.sample(model, n, **{**kw, "guidance_scale": 1.0})) > 100 * TOL
+    assert rel(whole, fastddpm.sample(model, n, **{**kw, "guidance_scale": 1.0})) > CHANGED
     one_by_one = fastddpm.sample(model, n, **kw, batch_size=1)
     assert rel(one_by_one, whole) <= 1e-5
     perm = torch.tensor([0, 3, 1, 2])  # image 0 keeps its label, the others are moved around
@@ -212,7 +213,7 @@ def test_seed_mode_sample_depends_only_on_its_index_and_label(backend):
     for i in range(1, n):  # the moved labels: image i with label perm[i] is the single-image run
         alone = fastddpm.sample(model, 1, **{**kw, "class_labels": labels[perm][i:i + 1]}, sample_offset=i)
         assert rel(shuffled[i], alone[0]) <= 1e-5
-        assert rel(shuffled[i], whole[i]) > 100 * TOL  # and a different label gives a different image
+        assert rel(shuffled[i], whole[i]) > CHANGED  # and a different label gives a different image
 
 
 def test_model_calls_per_step():
@@ -344,11 +345,11 @@ def test_cfg_kwargs_and_what_each_one_changes():
     assert rel(our_cfg_run(d, classes, 9), want) <= TOL
     for change in ({"guidance_parallel": 1.0}, {"guidance_rescale": 0.0}, {"guidance_scale": 4.0},
                    {"use_clipped_model_output": True}):
-        assert rel(our_cfg_run(d, classes, 9, **change), want) > 100 * TOL, change
-    d = cfg_diffusion("pred_x0", ddim=True)  # its noise direction from the clipped x0 (smallest of 20 seeds: 1.7e-2)
+        assert rel(our_cfg_run(d, classes, 9, **change), want) > CHANGED, change
+    d = cfg_diffusion("pred_x0", ddim=True)  # its noise direction from the clipped x0 (least of 20 seeds: 1.7e-2)
     want = package_cfg_run(d, classes, 9)
     assert rel(our_cfg_run(d, classes, 9), want) <= TOL
-    assert rel(our_cfg_run(d, classes, 9, use_clipped_model_output=False), want) > 10 * TOL
+    assert rel(our_cfg_run(d, classes, 9, use_clipped_model_output=False), want) > CHANGED
 
 
 def test_cfg_what_cannot_be_honoured_is_refused():
