@@ -59,9 +59,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_unet():
+def tiny_unet(out_channels=3):
     """A small random class-conditional UNet2DModel (weights from the test's fresh seed)."""
-    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=out_channels, layers_per_block=1,
                                  block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=K + 1,
                                  down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D")).eval()
@@ -97,20 +97,23 @@ def diffusers_guided_loop(model, scheduler, labels, null, w, generator, rescale=
             latent_model_input = torch.cat([latents] * 2)
             timesteps = t[None].expand(latent_model_input.shape[0])
             noise_pred = model(latent_model_input, timesteps, class_labels=class_labels_input).sample
-            cond_eps, uncond_eps = torch.split(noise_pred, len(noise_pred) // 2, dim=0)
+            eps, rest = noise_pred[:, :SHAPE[0]], noise_pred[:, SHAPE[0]:]  # rest: learned variance channels
+            cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
             model_output = uncond_eps + w * (cond_eps - uncond_eps)
             if rescale > 0:
                 model_output = rescale_noise_cfg(model_output, cond_eps, guidance_rescale=rescale)
+            model_output = torch.cat([model_output, rest[:B]], dim=1)  # DiT: the conditional rows' rest
         else:
             model_output = model(latents, t[None].expand(B), class_labels=labels).sample
         latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
     return latents
 
 
-def run_pair(kind, prediction, w, variant, backend, steps=STEPS):
+def run_pair(kind, prediction, w, variant, backend, steps=STEPS, **scheduler_kw):
     """(fastddpm's images, the hand-written loop's) with the same generator seed."""
-    model = tiny_unet()
-    scheduler = SCHEDULERS[kind](prediction_type=PREDICTIONS[prediction])
+    learned = scheduler_kw.get("variance_type") == "learned_range"
+    model = tiny_unet(2 * SHAPE[0] if learned else SHAPE[0])
+    scheduler = SCHEDULERS[kind](prediction_type=PREDICTIONS[prediction], **scheduler_kw)
     scheduler.set_timesteps(steps)
     labels = torch.randint(0, K, (N,))
     rescale = 0.7 if "rescale" in variant else 0.0
@@ -152,6 +155,16 @@ def test_fused_matches_a_diffusers_guidance_loop(kind, prediction, w, variant):
     got, want, _ = run_pair(kind, prediction, w, variant, "fused")
     err = rel(got, want)
     print(f"fused {kind} {prediction} w={w} {variant}: rel L2 {err:.2e}")
+    assert err <= TOL, err
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_learned_variance_is_guided_on_its_first_half(backend):
+    """variance_type="learned_range" (2C output channels): the guidance on the first C, the variance
+    channels from the conditional rows, as DiT's guided forward (its `rest`)."""
+    got, want, _ = run_pair("ddpm", "eps", 4, "rescale", backend, variance_type="learned_range")
+    err = rel(got, want)
+    print(f"{backend} ddpm learned_range w=4 rescale: rel L2 {err:.2e}")
     assert err <= TOL, err
 
 
