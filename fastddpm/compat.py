@@ -40,6 +40,16 @@ denoising-diffusion-pytorch (lucidrains): `sample_kwargs(diffusion)` also takes 
     images = diffusion.unnormalize(x)   # what diffusion.sample(16) returns after torch.manual_seed(0)
 
 See `gaussian_diffusion_kwargs` for what is mapped and what is refused.
+
+Its classifier-free guidance GaussianDiffusion (denoising_diffusion_pytorch.classifier_free_guidance)
+maps with its sample() options, cond_scale=6 and rescaled_phi=0.7 by default:
+
+    x = fastddpm.sample(diffusion.model, n, class_labels=classes,
+                        **fastddpm.compat.sample_kwargs(diffusion, cond_scale=6.0, rescaled_phi=0.7),
+                        generator=torch.Generator().manual_seed(0))
+    images = (x + 1) * 0.5   # what diffusion.sample(classes) returns after torch.manual_seed(0)
+
+See `cfg_gaussian_diffusion_kwargs`.
 """
 from __future__ import annotations
 
@@ -53,13 +63,21 @@ from .diffusers_sigmas import is_sigma_scheduler, sigma_sample_kwargs
 from .schedule import Schedule
 
 
-def sample_kwargs(scheduler) -> dict:
+def sample_kwargs(scheduler, **guidance) -> dict:
     """Keyword arguments for `fastddpm.sample` that reproduce a diffusers scheduler:
     schedule (betas + respacing), method, prediction, clip, (DDPM) variance and (DPM-Solver++)
     order and solver_type; for Euler / EulerAncestral / Heun / KDPM2 / LMS and DPM-Solver with
     Karras sigmas (after set_timesteps) the training schedule, a sigma method, its options and
     the scheduler's noise levels (fastddpm.diffusers_sigmas); or a denoising-diffusion-pytorch
-    GaussianDiffusion (see `gaussian_diffusion_kwargs`)."""
+    GaussianDiffusion (see `gaussian_diffusion_kwargs`), or its classifier-free guidance
+    GaussianDiffusion, whose sample() options cond_scale= / rescaled_phi= are taken here (see
+    `cfg_gaussian_diffusion_kwargs`)."""
+    if is_cfg_gaussian_diffusion(scheduler):
+        return cfg_gaussian_diffusion_kwargs(scheduler, **guidance)
+    if guidance:
+        raise TypeError(f"sample_kwargs: {', '.join(sorted(guidance))} apply to denoising-diffusion-pytorch's "
+                        "classifier_free_guidance.GaussianDiffusion only (its sample() options); for a "
+                        f"{type(scheduler).__name__} pass guidance_scale= / guidance_rescale= to fastddpm.sample")
     if is_gaussian_diffusion(scheduler):
         return gaussian_diffusion_kwargs(scheduler)
     if is_sigma_scheduler(scheduler):
@@ -183,12 +201,7 @@ def gaussian_diffusion_kwargs(diffusion) -> dict:
             f"{kind} with DDIM sampling (sampling_timesteps={S} < timesteps={T}): the model returns 2C channels "
             "(noise and variance) and fastddpm's DDIM takes C; sample with sampling_timesteps=timesteps (DDPM), "
             f"or pass model=lambda x, t: diffusion.model(x, t)[:, :{int(diffusion.channels)}] with method='ddim'")
-    s = Schedule.from_betas(_betas_float64(diffusion))
-    if ddim:
-        idx = ddim_timesteps(T, S)
-        if len(set(idx)) != len(idx):
-            raise NotImplementedError(f"{kind}: sampling_timesteps={S} of {T} repeats DDIM timesteps {idx[:6]}...")
-        s = s.select(idx)
+    s, ddim = _ddpm_pytorch_schedule(diffusion)
     h, w = diffusion.image_size if isinstance(diffusion.image_size, (tuple, list)) else (diffusion.image_size,) * 2
     return {
         "schedule": s,
@@ -200,4 +213,123 @@ def gaussian_diffusion_kwargs(diffusion) -> dict:
         "shape": (int(diffusion.channels), int(h), int(w)),
         "use_clipped_model_output": ddim,
         "self_condition": bool(diffusion.self_condition),
+    }
+
+
+def _ddpm_pytorch_schedule(diffusion):
+    """(schedule, ddim): the package's betas in float64, respaced to its DDIM timesteps when
+    sampling_timesteps < timesteps (its ddim_sample), else all of them (its p_sample_loop)."""
+    kind = type(diffusion).__name__
+    T, S = int(diffusion.num_timesteps), int(diffusion.sampling_timesteps)
+    ddim = bool(getattr(diffusion, "is_ddim_sampling", S < T))
+    s = Schedule.from_betas(_betas_float64(diffusion))
+    if ddim:
+        idx = ddim_timesteps(T, S)
+        if len(set(idx)) != len(idx):
+            raise NotImplementedError(f"{kind}: sampling_timesteps={S} of {T} repeats DDIM timesteps {idx[:6]}...")
+        s = s.select(idx)
+    return s, ddim
+
+
+# -------------------------------------------- denoising-diffusion-pytorch's classifier-free guidance
+_CFG_MODULE = "denoising_diffusion_pytorch.classifier_free_guidance"
+_CFG_SAMPLING = ("model_predictions", "p_mean_variance", "p_sample", "p_sample_loop", "ddim_sample", "sample",
+                 "q_posterior", "predict_start_from_noise", "predict_noise_from_start", "predict_start_from_v")
+_CFG_UNET = ("forward_with_cond_scale", "forward")
+
+
+def is_cfg_gaussian_diffusion(obj) -> bool:
+    """Whether obj looks like denoising-diffusion-pytorch's classifier_free_guidance.GaussianDiffusion:
+    a GaussianDiffusion (no self-conditioning) whose model has forward_with_cond_scale (duck-typed)."""
+    return all(hasattr(obj, a) for a in ("objective", "num_timesteps", "sampling_timesteps", "betas", "model",
+                                         "image_size", "channels", "ddim_sampling_eta", "use_cfg_plus_plus")) \
+        and hasattr(obj.model, "forward_with_cond_scale")
+
+
+def _check_code(obj, names, owner_name, what):
+    for name in names:
+        fn = getattr(type(obj), name, None)
+        owner = getattr(fn, "__qualname__", "").split(".")[0]
+        module = getattr(fn, "__module__", "") or ""
+        if module != _CFG_MODULE or owner != owner_name:
+            raise NotImplementedError(
+                f"{type(obj).__name__}.{name} is not {_CFG_MODULE}.{owner_name}'s code (it comes from "
+                f"{module or '?'}.{owner or '?'}); fastddpm reproduces that {what}'s guided sampling only")
+
+
+def cfg_gaussian_diffusion_kwargs(diffusion, cond_scale=6.0, rescaled_phi=0.7) -> dict:
+    """`fastddpm.sample` keyword arguments reproducing `diffusion.sample(classes, cond_scale,
+    rescaled_phi)` of denoising-diffusion-pytorch (2.x)'s classifier_free_guidance.GaussianDiffusion
+    (defaults: its own, cond_scale=6, rescaled_phi=0.7):
+
+        kw = fastddpm.compat.sample_kwargs(diffusion)                  # or cond_scale=..., rescaled_phi=...
+        x = fastddpm.sample(diffusion.model, n, class_labels=classes, **kw,
+                            generator=torch.Generator().manual_seed(0))
+        images = (x + 1) * 0.5   # what diffusion.sample(classes) returns after torch.manual_seed(0)
+
+    Its sample() always maps to [0, 1] with (x + 1) * 0.5, without a clamp (it has no
+    `unnormalize` method and no auto_normalize option); fastddpm returns model space [-1, 1].
+
+    - schedule and method as for its unconditional GaussianDiffusion (`gaussian_diffusion_kwargs`):
+      p_sample_loop is "ddpm", ddim_sample (sampling_timesteps < timesteps) is "ddim" with
+      eta = ddim_sampling_eta; prediction from objective; clip 1.0; variance "fixed_small";
+    - DDIM's noise direction: for pred_noise its ddim_sample uses the guided model output itself
+      (use_clipped_model_output=False), for pred_x0 / pred_v the noise derived from the clipped x0
+      (use_clipped_model_output=True);
+    - the guidance of its Unet.forward_with_cond_scale: two model calls per step (cond_drop_prob
+      0, then 1: its null is a learned embedding, chosen per call; fastddpm.guidance.class_keyword
+      supplies those keywords for its Unet), guidance_scale = cond_scale, guidance_parallel = 0
+      (remove_parallel_component=True, keep_parallel_frac=0: the part of the guidance direction
+      parallel to the conditional output is removed), guidance_rescale = rescaled_phi.
+
+    Refused: cond_scale=1 (its forward_with_cond_scale then returns one tensor, which
+    model_predictions unpacks as a pair: the package fails, or with 2 images mixes them up; for
+    conditional sampling without guidance pass class_labels= and guidance_scale=1 to
+    fastddpm.sample yourself); rescaled_phi outside [0, 1]; use_cfg_plus_plus=True with DDIM
+    sampling (CFG++: the noise direction from the unconditional output; with DDPM sampling it
+    changes nothing, the package's p_sample reads x0 only, and is accepted); a learned-variance
+    Unet; classes or a Unet whose sampling code is not the package's own.
+    """
+    from . import guidance as guidance_mod
+
+    kind = type(diffusion).__name__
+    _check_code(diffusion, _CFG_SAMPLING, "GaussianDiffusion", "GaussianDiffusion")
+    _check_code(diffusion.model, _CFG_UNET, "Unet", "Unet")
+    objective = diffusion.objective
+    if objective not in OBJECTIVE_FROM_DDPM_PYTORCH:
+        raise NotImplementedError(f"{kind} objective={objective!r} is not supported; supported: "
+                                  f"{sorted(OBJECTIVE_FROM_DDPM_PYTORCH)}")
+    if int(getattr(diffusion.model, "out_dim", diffusion.channels)) != int(diffusion.channels):
+        raise NotImplementedError(f"{kind}: a Unet with learned variance (out_dim={diffusion.model.out_dim} for "
+                                  f"{diffusion.channels} channels) is not supported (the package's "
+                                  "classifier-free guidance GaussianDiffusion samples C channels)")
+    w = guidance_mod.check_scale(cond_scale, "cond_scale")
+    if isinstance(w, torch.Tensor):
+        raise TypeError("cond_scale must be a number")
+    if w == 1:
+        raise ValueError(f"{kind}.sample(classes, cond_scale=1) does not run in denoising-diffusion-pytorch "
+                         "(forward_with_cond_scale returns one tensor that model_predictions unpacks as a pair), so "
+                         "there is nothing to reproduce; for conditional sampling without guidance call "
+                         "fastddpm.sample(diffusion.model, n, class_labels=classes, guidance_scale=1, ...) with the "
+                         "other keywords of sample_kwargs(diffusion)")
+    phi = guidance_mod.check_unit(rescaled_phi, "rescaled_phi", "fastddpm's guidance_rescale; the package's "
+                                  "default 0.7")
+    s, ddim = _ddpm_pytorch_schedule(diffusion)
+    if ddim and diffusion.use_cfg_plus_plus:
+        raise NotImplementedError(f"{kind}(use_cfg_plus_plus=True) with DDIM sampling (sampling_timesteps="
+                                  f"{diffusion.sampling_timesteps} < timesteps={diffusion.num_timesteps}): CFG++ (the "
+                                  "noise direction from the unconditional output) is not supported")
+    h, w_ = diffusion.image_size if isinstance(diffusion.image_size, (tuple, list)) else (diffusion.image_size,) * 2
+    return {
+        "schedule": s,
+        "method": "ddim" if ddim else "ddpm",
+        "eta": float(diffusion.ddim_sampling_eta) if ddim else 0.0,
+        "prediction": OBJECTIVE_FROM_DDPM_PYTORCH[objective],
+        "variance": "fixed_small",
+        "clip": 1.0,
+        "shape": (int(diffusion.channels), int(h), int(w_)),
+        "use_clipped_model_output": ddim and objective != "pred_noise",
+        "guidance_scale": float(w),
+        "guidance_rescale": phi,
+        "guidance_parallel": 0.0,
     }

@@ -376,7 +376,10 @@ class Conditioning:
             return "cond"
         if self.interval is not None and not (self.interval[0] < sigma <= self.interval[1]):
             return "cond"
-        return "uncond" if self.scale == 0 else "guided"
+        # w = 0 is the unconditional output alone only without rescale / parallel removal: both
+        # read the conditional output (w = 0 with parallel k: out_u + (1 - k) * the part of
+        # out_c - out_u parallel to out_c, as denoising-diffusion-pytorch computes it)
+        return "uncond" if self.scale == 0 and not self.cfg.needs_reduction else "guided"
 
     def modes(self, sigmas) -> list:
         return [self.mode(float(s)) for s in sigmas]

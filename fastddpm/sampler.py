@@ -197,17 +197,18 @@ def sample(model, n: int, *, shape=None, schedule: Schedule | None = None, steps
     seed, batch_size = _check_call(model, n, prediction, steps, seed, generator, sample_offset, progress, batch_size,
                                    compile)
     clip = C.check_clip(m.clip if isinstance(clip, str) and clip == "auto" else clip)
-    shape = _resolve_shape(model, shape)
-    C.check_schedule_fits_model(model, schedule)
-    s = _resolve_schedule(model, schedule, steps, m.name)
-    opts = _loop_options(model, m, mopts, s, steps, prediction, clip)
     conditioning = guidance.resolve(model, n, class_labels=class_labels, cond=cond, uncond=uncond,
                                     null_class=null_class, guidance_scale=guidance_scale,
                                     guidance_interval=guidance_interval, guidance_rescale=guidance_rescale,
                                     guidance_parallel=guidance_parallel,
                                     self_condition=mopts.get("self_condition", False))
+    # the conditioning's keywords may fill a third parameter (denoising-diffusion-pytorch's CFG Unet's classes)
     C.check_self_condition(model, mopts.get("self_condition", False),
-                           tuple(conditioning.cond) if conditioning is not None else ())
+                           keywords=set(conditioning.cond) | set(conditioning.uncond) if conditioning else ())
+    shape = _resolve_shape(model, shape)
+    C.check_schedule_fits_model(model, schedule)
+    s = _resolve_schedule(model, schedule, steps, m.name)
+    opts = _loop_options(model, m, mopts, s, steps, prediction, clip)
     device, model_dtype, autocast = _resolve_device_dtype(model, device, dtype)
     requested = backend
     backend = resolve_backend(backend, device, generator)
