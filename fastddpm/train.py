@@ -278,7 +278,10 @@ class _StopOnSignal:
             self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self.old[sig] = signal.signal(sig, self._note)
+                # a signal ignored from the start (SIGINT of a background job, `nohup`) stays ignored:
+                # noting it would write a checkpoint, then re-raise into SIG_IGN and train on
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.old[sig] = signal.signal(sig, self._note)
 
     def _note(self, signum, frame):
         if self.signum is not None:  # a second signal: stop now, without waiting for the step

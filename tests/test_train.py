@@ -282,8 +282,9 @@ def train_cmd(out, steps=1_000_000, *extra):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_writes_a_resumable_checkpoint(tmp_path, sig):
     out = tmp_path / "run"
+    # the signal's default disposition in the child, whatever pytest inherited (a background job ignores SIGINT)
     proc = subprocess.Popen(train_cmd(out, 1_000_000, "--ckpt-minutes", "60"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     log = out / "log.jsonl"
     deadline = time.time() + 180
     while not (log.exists() and log.read_text()) and time.time() < deadline and proc.poll() is None:
