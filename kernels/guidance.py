@@ -70,8 +70,9 @@ def _sum_all(v, LAYOUT_CL: tl.constexpr):
         return tl.sum(v, axis=0)
 
 
-@triton.jit(do_not_specialize=["NBLK"])
-def coef_kernel(mc_ptr, mu_ptr, smb, smp, sub, sup, g_ptr, w_ptr, w_val, rescale, parallel, N, C, HW, NBLK,
+@triton.jit
+def coef_kernel(mc_ptr, mu_ptr, smb, smp, sub, sup, g_ptr, w_ptr, w_val, rescale, parallel, N, C, HW,
+                NBLK: tl.constexpr,  # blocks per sample: constexpr (Triton 3.6's interpreter cannot range() an arg)
                 W_PTR: tl.constexpr, RESCALE: tl.constexpr, PARALLEL: tl.constexpr, LAYOUT_CL: tl.constexpr,
                 BLOCK: tl.constexpr, CP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
